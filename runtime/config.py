@@ -1,0 +1,236 @@
+"""Model configuration: frozen dataclasses parsed from an HF Llava/Pixtral `config.json`.
+
+Pixtral ships as `LlavaForConditionalGeneration` with a Pixtral vision tower and a Mistral decoder.
+Writers spell some fields differently (transformers 5 nests `rope_theta` under `rope_parameters`,
+older files and exllamav2 use a top-level `rope_theta`), so the reader accepts both; the writer emits
+the spelling exllamav2 0.3.2 reads (see ../shared/spec/exl2-format.md §5.2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that is not a Pixtral model, or lacks a field we need."""
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Mistral decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1e9
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Pixtral vision encoder (no final norm, 2D RoPE, SiLU-gated MLP)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+    patch_size: int = 16
+    image_size: int = 1024
+    rope_theta: float = 10000.0
+    num_channels: int = 3
+
+    @property
+    def max_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class PixtralConfig:
+    """Decoder + vision tower + projector, with the token ids that glue them."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_index: int = 10
+    projector_bias: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return self.text.rms_norm_eps
+
+
+def _read(section: dict[str, Any], names: list[str], where: str, default: Any = None) -> Any:
+    """First present key of `names` in `section` (dotted names walk sub-dicts)."""
+    for name in names:
+        node: Any = section
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    if default is not None:
+        return default
+    raise ConfigError(f"{where}: missing field {names[0]!r}")
+
+
+def _rope_theta(section: dict[str, Any], where: str, default: float) -> float:
+    return float(_read(section, ["rope_theta", "rope_parameters.rope_theta"], where, default))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config.json") -> PixtralConfig:
+    """Parse an HF Llava config dict into a `PixtralConfig`, with errors that name `source`."""
+    archs = raw.get("architectures") or []
+    if "LlavaForConditionalGeneration" not in archs:
+        raise ConfigError(
+            f"{source}: architectures is {archs!r}; expected ['LlavaForConditionalGeneration'] "
+            "(a Pixtral model in HF Llava layout; convert Mistral-native checkpoints with `pixtral-exl2 convert`)"
+        )
+    vision_raw = raw.get("vision_config") or {}
+    if vision_raw.get("model_type") != "pixtral":
+        raise ConfigError(
+            f"{source}: vision_config.model_type is {vision_raw.get('model_type')!r}; expected 'pixtral'"
+        )
+    text_raw = raw.get("text_config") or {}
+    where_t, where_v = f"{source} text_config", f"{source} vision_config"
+    hidden = int(_read(text_raw, ["hidden_size"], where_t))
+    heads = int(_read(text_raw, ["num_attention_heads"], where_t))
+    text = TextConfig(
+        vocab_size=int(_read(text_raw, ["vocab_size"], where_t)),
+        hidden_size=hidden,
+        intermediate_size=int(_read(text_raw, ["intermediate_size"], where_t)),
+        num_hidden_layers=int(_read(text_raw, ["num_hidden_layers"], where_t)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_read(text_raw, ["num_key_value_heads"], where_t, heads)),
+        head_dim=int(_read(text_raw, ["head_dim"], where_t, hidden // heads)),
+        rope_theta=_rope_theta(text_raw, where_t, 1e9),
+        rms_norm_eps=float(_read(text_raw, ["rms_norm_eps"], where_t, 1e-5)),
+        max_position_embeddings=int(_read(text_raw, ["max_position_embeddings"], where_t, 131072)),
+    )
+    v_hidden = int(_read(vision_raw, ["hidden_size"], where_v, 1024))
+    v_heads = int(_read(vision_raw, ["num_attention_heads"], where_v, 16))
+    vision = VisionConfig(
+        hidden_size=v_hidden,
+        intermediate_size=int(_read(vision_raw, ["intermediate_size"], where_v, 4096)),
+        num_hidden_layers=int(_read(vision_raw, ["num_hidden_layers"], where_v, 24)),
+        num_attention_heads=v_heads,
+        head_dim=int(_read(vision_raw, ["head_dim"], where_v, v_hidden // v_heads)),
+        patch_size=int(_read(vision_raw, ["patch_size"], where_v, 16)),
+        image_size=int(_read(vision_raw, ["image_size"], where_v, 1024)),
+        rope_theta=_rope_theta(vision_raw, where_v, 10000.0),
+        num_channels=int(_read(vision_raw, ["num_channels"], where_v, 3)),
+    )
+    _check_consistency(text, vision, source)
+    eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 2))
+    return PixtralConfig(
+        text=text,
+        vision=vision,
+        image_token_index=int(raw.get("image_token_index", 10)),
+        projector_bias=bool(raw.get("multimodal_projector_bias", True)),
+        bos_token_id=int(raw.get("bos_token_id", text_raw.get("bos_token_id", 1)) or 1),
+        eos_token_id=int(eos[0] if isinstance(eos, list) else eos or 2),
+        extra={k: v for k, v in raw.items() if k == "quantization_config"},
+    )
+
+
+def _check_consistency(text: TextConfig, vision: VisionConfig, source: str) -> None:
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise ConfigError(
+            f"{source}: text num_attention_heads {text.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {text.num_key_value_heads}"
+        )
+    if text.head_dim % 2 or vision.head_dim % 4:
+        raise ConfigError(f"{source}: head_dim must be even (text) and a multiple of 4 (vision, 2D RoPE)")
+    if vision.head_dim * vision.num_attention_heads != vision.hidden_size:
+        raise ConfigError(
+            f"{source}: vision head_dim {vision.head_dim} × num_attention_heads {vision.num_attention_heads} "
+            f"!= hidden_size {vision.hidden_size}"
+        )
+
+
+def load_config(model_dir: str | Path) -> PixtralConfig:
+    """Read and parse `model_dir/config.json`."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; expected an HF Llava/Pixtral model directory")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    return parse_config(raw, str(path))
+
+
+def to_hf_dict(config: PixtralConfig, dtype: str = "float16") -> dict[str, Any]:
+    """The config.json this project writes: readable by transformers and by exllamav2 0.3.2.
+
+    Pixtral has no sliding window (transformers' Mistral default of 4096 is wrong for it), the
+    vision MLP is SiLU (PixtralVisionConfig's default "gelu" is wrong), and exllamav2 requires
+    `vision_config.{head_dim, hidden_act, patch_size, rope_theta}` and `vision_feature_layer`.
+    """
+    text = asdict(config.text)
+    text.update(
+        model_type="mistral",
+        hidden_act="silu",
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        torch_dtype=dtype,
+    )
+    vision = asdict(config.vision)
+    vision.update(model_type="pixtral", hidden_act="silu", attention_dropout=0.0, torch_dtype=dtype)
+    out: dict[str, Any] = {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": config.image_token_index,
+        "image_seq_length": 1,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": config.projector_bias,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "tie_word_embeddings": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "torch_dtype": dtype,
+        "text_config": text,
+        "vision_config": vision,
+    }
+    out.update(config.extra)
+    return out
+
+
+def parameter_counts(config: PixtralConfig) -> dict[str, int]:
+    """Parameter counts per component, computed from the shapes the config implies."""
+    t, v = config.text, config.vision
+    q_out, kv_out = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_layer = (
+        t.hidden_size * (q_out + 2 * kv_out)
+        + q_out * t.hidden_size
+        + 3 * t.hidden_size * t.intermediate_size
+        + 2 * t.hidden_size
+    )
+    embed_and_head = 2 * t.vocab_size * t.hidden_size
+    decoder = per_layer * t.num_hidden_layers + embed_and_head + t.hidden_size
+    v_layer = 4 * v.hidden_size * v.hidden_size + 3 * v.hidden_size * v.intermediate_size + 2 * v.hidden_size
+    vision = (
+        v.num_channels * v.patch_size**2 * v.hidden_size + v.hidden_size + v_layer * v.num_hidden_layers
+    )
+    bias = 2 * t.hidden_size if config.projector_bias else 0
+    projector = v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size + bias
+    return {
+        "decoder": decoder,
+        "decoder_linears": per_layer * t.num_hidden_layers - 2 * t.hidden_size * t.num_hidden_layers,
+        "embed_and_head": embed_and_head,
+        "vision": vision,
+        "projector": projector,
+        "total": decoder + vision + projector,
+    }

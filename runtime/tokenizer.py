@@ -1,0 +1,101 @@
+"""The tokenizer of a model directory: encode/decode, chat rendering, and `[IMG]` expansion.
+
+Special ids are looked up by their strings, never assumed: `[IMG_BREAK]`/`[IMG_END]` are 12/13 on
+12B and 14/15 on Large. The chat template writes one `[IMG]` per image; `encode_chat` replaces the
+n-th placeholder by the n-th image's full grid of tokens before tokenizing the whole string once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from .chat_template import render_chat
+from .image import ImageTokenIds
+
+IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
+
+
+class TokenizerError(ValueError):
+    """Missing or inconsistent tokenizer files."""
+
+
+class PixtralTokenizer:
+    """Wraps `tokenizer.json` plus the chat template of one model directory."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{path}: not found; the model directory needs an HF tokenizer")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        self.bos_token = _token_str(config.get("bos_token"), "<s>")
+        self.eos_token = _token_str(config.get("eos_token"), "</s>")
+        self.chat_template = _read_chat_template(model_dir, config)
+        self.bos_id = self._require(self.bos_token)
+        self.eos_id = self._require(self.eos_token)
+        self.image_ids = ImageTokenIds(self._require(IMG), self._require(IMG_BREAK), self._require(IMG_END))
+
+    def _require(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"tokenizer.json has no {token!r} token")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it become special ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The prompt string for a conversation, with one `[IMG]` per image."""
+        if not self.chat_template:
+            raise TokenizerError("the model directory has no chat template (chat_template.json)")
+        return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs)
+
+    def expand_images(self, prompt: str, grids: list[tuple[int, int]]) -> str:
+        """Replace the n-th `[IMG]` placeholder by the token string of image n's (rows, cols) grid."""
+        pieces = prompt.split(IMG)
+        if len(pieces) - 1 != len(grids):
+            raise TokenizerError(f"prompt has {len(pieces) - 1} image placeholders but {len(grids)} images were given")
+        out = [pieces[0]]
+        for (rows, cols), tail in zip(grids, pieces[1:]):
+            out.append(((IMG * cols + IMG_BREAK) * rows)[: -len(IMG_BREAK)] + IMG_END + tail)
+        return "".join(out)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        grids: list[tuple[int, int]] = (),
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of a conversation whose images have the given patch grids, in order."""
+        return self.encode(self.expand_images(self.render(messages, tools, **kwargs), list(grids)))
+
+
+def _token_str(value: Any, default: str) -> str:
+    if isinstance(value, dict):  # {"content": "<s>", ...} as older transformers write it
+        return value.get("content", default)
+    return value or default
+
+
+def _read_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    path = model_dir / "chat_template.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return tokenizer_config.get("chat_template")

@@ -1,0 +1,60 @@
+"""Converted HF tokenizers against mistral-common's own tokenizers (the oracle), on real files."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runtime.mistral_tokenizer import convert_mistral_tokenizer
+from runtime.model_files import bundled_tokenizer_path
+
+mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
+
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ  \n\t'.,;:!?0123456789-_()[]{}\"éüñ中文日本語😀") + [
+    "don't", "Hello", " world", "  ", "\n\n", "The ", "ing", "'s", "https://x.y/z", "▁", "<0x41>", "\r\n",
+]  # fmt: skip
+FIXED = ["Hello world", "don'tthe", " Hello", "a  b   c", "  leading", "trailing  ", "x\n\ny", "1234567", "中文テキスト", "😀😀"]
+
+
+def _strings(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return FIXED + ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 40))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["tekken", "spm"])
+def test_text_ids_match_mistral_common(kind: str) -> None:
+    path = bundled_tokenizer_path(kind)
+    ours = convert_mistral_tokenizer(path).tokenizer
+    theirs = mistral.MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+    # in a prompt, text always follows a special token: spm's template writes the dummy-prefix space
+    lead = "</s>" if kind == "tekken" else "</s> "
+    mismatches = [s for s in _strings(1500, seed=hash(kind) % 1000) if theirs.encode(s, bos=False, eos=False) != ours.encode(lead + s, add_special_tokens=False).ids[1:]]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("kind", ["tekken", "spm"])
+def test_special_ids_match_mistral_common(kind: str) -> None:
+    path = bundled_tokenizer_path(kind)
+    ours = convert_mistral_tokenizer(path).tokenizer
+    theirs = mistral.MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+    assert ours.get_vocab_size() == theirs.n_words
+    for token in ["<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]:  # fmt: skip
+        assert ours.token_to_id(token) == theirs.get_special_token(token), token
+        assert ours.encode(token, add_special_tokens=False).ids == [theirs.get_special_token(token)]
+
+
+def test_break_and_end_ids_differ_between_models() -> None:
+    tekken = convert_mistral_tokenizer(bundled_tokenizer_path("tekken")).tokenizer
+    spm = convert_mistral_tokenizer(bundled_tokenizer_path("spm")).tokenizer
+    assert (tekken.token_to_id("[IMG_BREAK]"), tekken.token_to_id("[IMG_END]")) == (12, 13)
+    assert (spm.token_to_id("[IMG_BREAK]"), spm.token_to_id("[IMG_END]")) == (14, 15)
+
+
+@pytest.mark.parametrize("kind", ["tekken", "spm"])
+def test_decode_round_trips(kind: str) -> None:
+    tok = convert_mistral_tokenizer(bundled_tokenizer_path(kind)).tokenizer
+    for text in ["Hello  world\n x", "naïve café 中文", "a\tb"]:
+        ids = tok.encode(text if kind == "tekken" else text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text
