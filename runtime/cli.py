@@ -84,6 +84,49 @@ def demo_model(
     console.print(f"demo model written to [bold]{out_dir}[/]")
 
 
+@app.command()
+def inspect(
+    model_dir: Annotated[Path, typer.Argument(help="An EXL2 checkpoint directory (ours or exllamav2's).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show an EXL2 checkpoint: bits per group, bpw and size of every layer, the decoder's total
+    bpw, the head bits, what is kept fp16, and the files."""
+    from quantize.report import inspect_checkpoint
+
+    try:
+        report = inspect_checkpoint(model_dir)
+    except USER_ERRORS as err:
+        raise fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"EXL2 layers of {model_dir}")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("K × N'", no_wrap=True)
+    table.add_column("groups (bits:count×rows)")
+    table.add_column("bpw", justify="right")
+    table.add_column("size", justify="right", no_wrap=True)
+    for layer in report["layers"]:
+        name = layer["name"].removeprefix("language_model.").removeprefix("model.")
+        table.add_row(name, f"{layer['in_features']} × {layer['out_features']}", layer["groups"],
+                      f"{layer['bpw']:.3f}", _human_bytes(layer["bytes"]))  # fmt: skip
+    console.print(table)
+    console.print(f"decoder bpw: [bold]{report['decoder_bpw']:.4f}[/]   head bpw: {report['head_bpw'] or 'fp16'}")
+    kept = ", ".join(f"{k} ({v['tensors']} tensors, {_human_count(v['params'])} params, {'/'.join(v['dtypes'])})"
+                     for k, v in report["kept_unquantized"].items())  # fmt: skip
+    console.print(f"kept unquantized: {kept}")
+    if report["quantization_config"]:
+        console.print(f"quantization_config: {json.dumps(report['quantization_config'])}")
+    console.print("files: " + ", ".join(f"{f['name']} ({_human_bytes(f['bytes'])})" for f in report["files"]))
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def main() -> None:
     app()
 

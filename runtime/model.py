@@ -76,14 +76,20 @@ def load_model(
     device: str | torch.device = "cpu",
     linear_loader: LinearLoader | None = None,
 ) -> PixtralModel:
-    """Build and load the whole model. For a checkpoint too large for memory, use `load_layer`.
+    """Build and load the whole model, fp16/bf16 or EXL2 (dequantized). For a checkpoint too large
+    for memory, use `load_layer`.
 
-    `linear_loader`, when given, supplies the decoder's quantized linears (see runtime.exl2_linear).
+    `linear_loader` supplies quantized linears; by default an EXL2 directory is detected by its
+    `.q_weight` tensors and read with runtime.exl2_linear.
     """
     cfg = load_config(model_dir)
     with torch.device("meta"):
         model = PixtralModel(cfg)
     with Checkpoint(model_dir) as ckpt:
+        if linear_loader is None and any(name.endswith(".q_weight") for name in ckpt.names()):
+            from .exl2_linear import EXL2LinearLoader
+
+            linear_loader = EXL2LinearLoader(model_dir)
         load_module(model.vision_tower, ckpt, "vision_tower.", dtype, device)
         load_module(model.multi_modal_projector, ckpt, "multi_modal_projector.", dtype, device)
         lm = model.language_model
@@ -92,7 +98,7 @@ def load_model(
         for index in range(cfg.text.num_hidden_layers):
             lm.model.layers[index] = load_layer(ckpt, cfg, index, dtype, device, linear_loader)
         if linear_loader is not None and linear_loader.has("language_model.lm_head"):
-            lm.lm_head = linear_loader.load("language_model.lm_head", dtype, device)
+            lm.lm_head = linear_loader.load("language_model.lm_head", cfg.text.vocab_size, dtype, device)
         else:
             load_module(lm.lm_head, ckpt, "language_model.lm_head.", dtype, device)
     return model.eval()
@@ -104,7 +110,7 @@ class LinearLoader:
     def has(self, prefix: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def load(self, prefix: str, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:  # pragma: no cover
+    def load(self, prefix: str, out_features: int, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -123,7 +129,8 @@ def load_layer(
     for name, child in list(layer.named_modules()):
         if isinstance(child, nn.Linear) and linear_loader is not None and linear_loader.has(prefix + name):
             parent_name, _, attr = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name), attr, linear_loader.load(prefix + name, dtype, device))
+            loaded = linear_loader.load(prefix + name, child.out_features, dtype, device)
+            setattr(layer.get_submodule(parent_name), attr, loaded)
     fp_names = [n for n, p in layer.named_parameters() if p.is_meta]
     state = {}
     for name in fp_names:

@@ -1,0 +1,66 @@
+"""What `pixtral-exl2 inspect` reports about an EXL2 checkpoint, as plain data (the CLI renders it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import EXL2Checkpoint
+
+FP16_GROUPS = (
+    ("vision tower", "vision_tower."),
+    ("projector", "multi_modal_projector."),
+    ("embeddings", "language_model.model.embed_tokens."),
+    ("norms", ""),  # everything else that is not quantized
+)
+
+
+def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
+    """Per-layer bits and sizes, the decoder's bpw, head bits, fp16 parts, and files."""
+    model_dir = Path(model_dir)
+    with EXL2Checkpoint(model_dir) as ckpt:
+        summaries = [ckpt.summary(prefix) for prefix in ckpt.layers]
+        head = [s for s in summaries if s.name.endswith("lm_head")]
+        kept: dict[str, dict[str, Any]] = {}
+        for name in ckpt.fp_tensors:
+            label = next(label for label, prefix in FP16_GROUPS if name.startswith(prefix))
+            entry = kept.setdefault(label, {"tensors": 0, "params": 0, "dtypes": set()})
+            entry["tensors"] += 1
+            entry["params"] += _numel(ckpt.weights.shape(name))
+            entry["dtypes"].add(ckpt.weights.dtype(name))
+        report = {
+            "model_dir": str(model_dir),
+            "quantization_config": ckpt.config.extra.get("quantization_config"),
+            "layers": [
+                {
+                    "name": s.name,
+                    "in_features": s.in_features,
+                    "out_features": s.out_features,
+                    "groups": s.plan.describe(),
+                    "bits_histogram": _bits_histogram(s),
+                    "bpw": round(s.bpw, 4),
+                    "bytes": s.file_bytes,
+                }
+                for s in summaries
+            ],
+            "decoder_bpw": round(ckpt.decoder_bpw(summaries), 4),
+            "head_bpw": round(head[0].bpw, 4) if head else None,
+            "kept_unquantized": {k: {**v, "dtypes": sorted(v["dtypes"])} for k, v in kept.items()},
+            "files": [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(model_dir.iterdir()) if p.is_file()],
+        }
+    return report
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _bits_histogram(summary: Any) -> dict[str, float]:
+    """Fraction of input rows at each width, e.g. {"8": 0.05, "4": 0.95}."""
+    rows: dict[int, int] = {}
+    for bits, count in summary.plan.groups:
+        rows[bits] = rows.get(bits, 0) + count
+    return {str(b): round(r / summary.in_features, 4) for b, r in sorted(rows.items(), reverse=True)}
