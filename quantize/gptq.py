@@ -21,6 +21,8 @@ DAMP_RETRIES = 10  # add the damping again this many times before declaring H si
 P_GRID = 96  # scale search: 97 multipliers p in [P_MIN, P_MAX]
 P_MIN, P_MAX = 0.70, 1.20
 ERR_NORM = 3.5  # the search minimises Σ|Δw|^3.5: weighs large errors more than L2
+P_SEARCH_ELEMENTS = 1 << 21  # [chunk, R, N] temporaries of ~8 MiB: reused from the heap, no page-fault storm
+P_SEARCH_MAX_COLUMNS = 16384  # one scalar p per group: a strided sample of a 131k-wide head finds it as well
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,16 @@ def find_scales(W: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     M = base.max()
     qscale = torch.clamp(torch.round(16 * torch.sqrt(base / M)), 1, 16)  # [N] in 1..16
     s = (qscale / 16) ** 2 * M
-    best_err, best_p = None, P_MIN
-    for i in range(P_GRID + 1):
-        p = P_MIN * (1 - i / P_GRID) + P_MAX * (i / P_GRID)
-        err = ((torch.clamp(torch.round(W / (s * p)), -zero, maxq - zero) * s * p - W).abs() ** ERR_NORM).sum()
-        if best_err is None or err < best_err:
-            best_err, best_p = err, p
+    p = torch.linspace(0, 1, P_GRID + 1, device=W.device) * (P_MAX - P_MIN) + P_MIN  # [P]
+    stride = -(-W.shape[1] // P_SEARCH_MAX_COLUMNS)  # very wide layers (heads): search on every k-th column
+    Ws, ss = W[:, ::stride], s[::stride]
+    chunk = max(1, P_SEARCH_ELEMENTS // Ws.numel())  # bound the [chunk, R, N] temporaries
+    errors = []
+    for start in range(0, P_GRID + 1, chunk):
+        sp = ss[None, None, :] * p[start : start + chunk, None, None]  # [c, 1, N]
+        q = torch.clamp(torch.round(Ws[None] / sp), -zero, maxq - zero)
+        errors.append(((q * sp - Ws[None]).abs() ** ERR_NORM).sum(dim=(1, 2)))
+    best_p = p[torch.argmin(torch.cat(errors))]
     scale_max = (M * best_p).half()
     effective = ((qscale**2).half() * (scale_max.float() / 256).half()).float()  # fp16 roundings as the kernel
     return (qscale - 1).long(), scale_max, effective
@@ -101,8 +107,8 @@ def gptq_quantize(W: Tensor, Hp: PreparedHessian, plan: GroupPlan) -> GPTQResult
             codes[c] = q.long()
             deq[c] = ((q - zero).half() * s16).float()
             Err[c] = (Wq[c] - deq[c]) / U[c, c]
-            Wq[c:i2] -= U[c, c:i2, None] * Err[c][None, :]
-        Wq[i2:] -= U[i1:i2, i2:].T @ Err[i1:i2]
+            Wq[c:i2].addr_(U[c, c:i2], Err[c], alpha=-1)  # rank-1 update, in place
+        Wq[i2:].addmm_(U[i1:i2, i2:].T, Err[i1:i2], alpha=-1)
         i1 = i2
     weight = deq[torch.argsort(Hp.perm)][:, :N].T.contiguous()  # [N, K], original input order
     dW = weight - W.float()

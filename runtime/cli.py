@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from quantize.job import QuantizeConfig
 
 app = typer.Typer(
     name="pixtral-exl2",
@@ -118,6 +121,109 @@ def inspect(
     if report["quantization_config"]:
         console.print(f"quantization_config: {json.dumps(report['quantization_config'])}")
     console.print("files: " + ", ".join(f"{f['name']} ({_human_bytes(f['bytes'])})" for f in report["files"]))
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise fail(f"--bpw: expected numbers separated by commas (e.g. 2.5,4.0,6.0), got {text!r}")
+
+
+def _quantize_config(model_dir: Path, out_dir: Path, recipe: str, overrides: dict) -> "QuantizeConfig":
+    """Recipe values, then the flags that were given."""
+    from calibration.rows import CalibrationSpec
+    from quantize.job import QuantizeConfig
+    from recipes import load_recipe
+
+    base = load_recipe(recipe)
+    calibration = {**base.get("calibration", {}), **{k: v for k, v in overrides.pop("calibration").items() if v is not None}}
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    return QuantizeConfig(
+        model_dir=model_dir,
+        out_dir=out_dir,
+        tiers=tuple(fields.pop("tiers", None) or base.get("bpw", (4.0,))),
+        head_bits=fields.pop("head_bits", base.get("head_bits", 6)),
+        calibration=CalibrationSpec(**calibration),
+        **fields,
+    )
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="HF Llava/Pixtral model directory (fp16/bf16).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output: one complete EXL2 model directory per tier (OUT_DIR/4.0bpw/ …) and measurement.json.")],
+    bpw: Annotated[Optional[str], typer.Option("--bpw", help="Target decoder bpw, comma-separated tiers (e.g. 2.5,3.0,4.0,6.0,8.0).")] = None,
+    recipe: Annotated[str, typer.Option(help="Named tier set and calibration mix (recipes/*.toml) or a .toml path; flags override it.")] = "default",
+    head_bits: Annotated[Optional[int], typer.Option(help="Bits of the output head: 2, 3, 4, 5, 6 or 8.")] = None,
+    rows: Annotated[Optional[int], typer.Option(help="Calibration rows for the quantization pass.")] = None,
+    measure_rows: Annotated[Optional[int], typer.Option(help="How many of those rows measure every option.")] = None,
+    length: Annotated[Optional[int], typer.Option(help="Tokens per calibration row.")] = None,
+    image_fraction: Annotated[Optional[float], typer.Option(help="Share of rows that open with image conversations.")] = None,
+    text_only: Annotated[bool, typer.Option("--text-only", help="Calibrate on text alone (same as --image-fraction 0).")] = False,
+    calibration_text: Annotated[Optional[list[Path]], typer.Option(help="Text/jsonl/parquet file or folder (repeatable); default: exllamav2's standard set.")] = None,
+    calibration_images: Annotated[Optional[list[Path]], typer.Option(help="Image folder (metadata.jsonl) or jsonl (repeatable); default: shipped photos + drawn charts/pages.")] = None,
+    measurement: Annotated[Optional[Path], typer.Option(help="Reuse a measurement.json (ours or exllamav2's) and skip measuring.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    shard_size: Annotated[Optional[int], typer.Option(help="Output shard size in MiB (default 8192, as exllamav2).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job in OUT_DIR (same settings).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an existing OUT_DIR, overwriting its tiers.")] = False,
+    keep_work: Annotated[bool, typer.Option("--keep-work", help="Keep OUT_DIR/.work (row states, per-layer tensors) after success.")] = False,
+    skip_weight_check: Annotated[bool, typer.Option("--skip-weight-check", help="Do not scan every weight for NaN/inf first.")] = False,
+) -> None:
+    """Measure once, then write one EXL2 checkpoint per target bpw: decoder quantized (GPTQ, bits
+    allocated per layer), vision tower and projector copied bit-identical. Resumable."""
+    from quantize.pipeline import run_quantize
+
+    overrides = {
+        "tiers": _floats(bpw), "head_bits": head_bits, "measurement": measurement, "device": device,
+        "shard_mb": shard_size, "resume": resume, "force": force, "keep_work": keep_work,
+        "check_weights": not skip_weight_check,
+        "calibration": {"rows": rows, "measure_rows": measure_rows, "length": length, "seed": seed,
+                        "image_fraction": 0.0 if text_only else image_fraction,
+                        "text_sources": tuple(map(str, calibration_text)) if calibration_text else None,
+                        "image_sources": tuple(map(str, calibration_images)) if calibration_images else None},
+    }  # fmt: skip
+    try:
+        config = _quantize_config(model_dir, out_dir, recipe, overrides)
+        with _progress_display() as on_progress:
+            results = run_quantize(config, on_progress)
+    except USER_ERRORS as err:
+        raise fail(str(err))
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; continue with the same command plus --resume (state kept in {out_dir}/.work)", 130)
+    table = Table(title=f"EXL2 tiers in {out_dir}")
+    for column in ("tier", "decoder bpw", "head bpw", "size", "calibration KL vs fp16"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for r in results:
+        table.add_row(r.name, f"{r.bpw:.4f}", f"{r.head_bpw:.2f}", _human_bytes(r.size_bytes), f"{r.calibration_kl:.5f}")
+    console.print(table)
+
+
+def _progress_display():
+    """A rich progress bar per stage; returns a context manager yielding the callback."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextmanager
+    def display():
+        columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
+        with Progress(*columns, console=console, transient=False) as bars:
+            tasks: dict[str, int] = {}
+
+            def on_progress(event) -> None:
+                if event.stage not in tasks:
+                    tasks[event.stage] = bars.add_task(event.stage, total=event.total, detail="")
+                bars.update(tasks[event.stage], completed=event.done, total=event.total, detail=event.detail)
+
+            yield on_progress
+
+    return display()
 
 
 def _human_bytes(n: int) -> str:

@@ -1,0 +1,53 @@
+"""Hessians H = E[xᵀx] of each linear's input, collected with forward pre-hooks.
+
+Linears that read the same input share one H (q/k/v: the normed residual; gate/up likewise); the
+table in runtime.text.DECODER_LINEARS says which, so nothing here knows the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from runtime.text import LinearSpec
+
+
+class HessianAccumulator:
+    """Running sum of xᵀx over tokens, in fp32."""
+
+    def __init__(self, features: int, device: torch.device | str):
+        self.H = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, K]
+        self.H.addmm_(x2.T, x2)
+        self.tokens += x2.shape[0]
+
+    def result(self) -> Tensor:
+        """Mean outer product; the identity when no token was seen (then GPTQ reduces to RTN)."""
+        if self.tokens == 0:
+            return torch.eye(self.H.shape[0], device=self.H.device)
+        return self.H / self.tokens
+
+
+@contextmanager
+def collect_hessians(layer: nn.Module, specs: list[LinearSpec], device: torch.device | str) -> Iterator[dict[str, HessianAccumulator]]:
+    """While active, every forward through `layer` adds the inputs of each Hessian group of `specs`."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = []
+    for spec in specs:
+        if spec.hessian_group in accumulators:
+            continue  # siblings share the first one's input
+        linear = layer.get_submodule(spec.name)
+        accumulator = HessianAccumulator(linear.in_features, device)
+        accumulators[spec.hessian_group] = accumulator
+        handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=accumulator: acc.add(args[0])))
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()
