@@ -233,6 +233,31 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Mistral-native Pixtral: params.json, consolidated*.safetensors, tekken.json or tokenizer.model.v7m1.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the HF Llava directory (must not exist).")],
+    dtype: Annotated[Optional[str], typer.Option(help="Store weights as float16, bfloat16 or float32 (default: as the source).")] = None,
+    shard_size: Annotated[int, typer.Option(help="Output shard size in MiB.")] = 4096,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
+) -> None:
+    """Convert Mistral's own Pixtral release into the HF Llava layout the quantizer and runtime read:
+    renamed and q/k-permuted weights (streamed shard by shard), config, tokenizer, extended chat
+    template, processor configs."""
+    from quantize.convert_mistral import DTYPES, convert as convert_checkpoint
+    from quantize.pipeline import Progress
+
+    if dtype is not None and dtype not in DTYPES:
+        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        with _progress_display() as on_progress:
+            cfg = convert_checkpoint(src, dst, dtype, shard_size, force, lambda done, total: on_progress(Progress("convert", done, total)))
+    except USER_ERRORS as err:
+        raise fail(str(err))
+    console.print(f"converted to [bold]{dst}[/]: {cfg.text.num_hidden_layers} decoder layers, vision {cfg.vision.num_hidden_layers} layers, "
+                  f"projector bias {cfg.projector_bias}")  # fmt: skip
+
+
 def main() -> None:
     app()
 
