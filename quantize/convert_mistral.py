@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from runtime.atomic import atomic_directory
 from runtime.config import PixtralConfig, TextConfig, VisionConfig
 from runtime.model_files import write_model_files
 from runtime.weights import ShardWriter, read_safetensors_header
+from safetensors import safe_open
 
 from .checkpoint import natural_key
 
@@ -30,31 +32,30 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model")
 EXTRA_FILES = ("SYSTEM_PROMPT.txt",)
 
+# per-layer tensors, identical in the decoder and the vision encoder: (native suffix, HF suffix, permuted by)
+ATTENTION = (("wq", "q_proj", "q"), ("wk", "k_proj", "k"), ("wv", "v_proj", None), ("wo", "o_proj", None))
+FEED_FORWARD = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))  # w1 = gate, w3 = up, w2 = down
+LAYER_TENSORS = ("attention_norm", "ffn_norm", *(f"attention.{w}" for w, _, _ in ATTENTION), *(f"feed_forward.{w}" for w, _ in FEED_FORWARD))
+
+
+def _layer_rules(native: str, hf: str, norms: tuple[str, str], attention: str, mlp: str, heads: dict) -> list[tuple[str, str, str | None]]:
+    rules = [(native + r"attention_norm\.weight", f"{hf}{norms[0]}.weight", None), (native + r"ffn_norm\.weight", f"{hf}{norms[1]}.weight", None)]
+    rules += [(native + rf"attention\.{w}\.weight", f"{hf}{attention}.{proj}.weight", heads.get(qk)) for w, proj, qk in ATTENTION]
+    rules += [(native + rf"feed_forward\.{w}\.weight", f"{hf}{mlp}.{proj}.weight", None) for w, proj in FEED_FORWARD]
+    return rules
+
+
 # (native name pattern, HF name template, which head count permutes it: None | "text_q" | "text_kv" | "vision")
 NAME_MAP: tuple[tuple[str, str, str | None], ...] = (
     (r"tok_embeddings\.weight", "language_model.model.embed_tokens.weight", None),
     (r"norm\.weight", "language_model.model.norm.weight", None),
     (r"output\.weight", "language_model.lm_head.weight", None),
-    (r"layers\.(\d+)\.attention_norm\.weight", r"language_model.model.layers.\1.input_layernorm.weight", None),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"language_model.model.layers.\1.post_attention_layernorm.weight", None),
-    (r"layers\.(\d+)\.attention\.wq\.weight", r"language_model.model.layers.\1.self_attn.q_proj.weight", "text_q"),
-    (r"layers\.(\d+)\.attention\.wk\.weight", r"language_model.model.layers.\1.self_attn.k_proj.weight", "text_kv"),
-    (r"layers\.(\d+)\.attention\.wv\.weight", r"language_model.model.layers.\1.self_attn.v_proj.weight", None),
-    (r"layers\.(\d+)\.attention\.wo\.weight", r"language_model.model.layers.\1.self_attn.o_proj.weight", None),
-    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"language_model.model.layers.\1.mlp.gate_proj.weight", None),
-    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"language_model.model.layers.\1.mlp.up_proj.weight", None),
-    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"language_model.model.layers.\1.mlp.down_proj.weight", None),
+    *_layer_rules(r"layers\.(\d+)\.", r"language_model.model.layers.\1.", ("input_layernorm", "post_attention_layernorm"),
+                  "self_attn", "mlp", {"q": "text_q", "k": "text_kv"}),
     (r"vision_encoder\.patch_conv\.weight", "vision_tower.patch_conv.weight", None),
     (r"vision_encoder\.ln_pre\.weight", "vision_tower.ln_pre.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention_norm\.weight", r"vision_tower.transformer.layers.\1.attention_norm.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.ffn_norm\.weight", r"vision_tower.transformer.layers.\1.ffn_norm.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wq\.weight", r"vision_tower.transformer.layers.\1.attention.q_proj.weight", "vision"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wk\.weight", r"vision_tower.transformer.layers.\1.attention.k_proj.weight", "vision"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wv\.weight", r"vision_tower.transformer.layers.\1.attention.v_proj.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wo\.weight", r"vision_tower.transformer.layers.\1.attention.o_proj.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.weight", r"vision_tower.transformer.layers.\1.feed_forward.gate_proj.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.weight", r"vision_tower.transformer.layers.\1.feed_forward.up_proj.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.weight", r"vision_tower.transformer.layers.\1.feed_forward.down_proj.weight", None),
+    *_layer_rules(r"vision_encoder\.transformer\.layers\.(\d+)\.", r"vision_tower.transformer.layers.\1.", ("attention_norm", "ffn_norm"),
+                  "attention", "feed_forward", {"q": "vision", "k": "vision"}),
     (r"vision_language_adapter\.w_in\.(weight|bias)", r"multi_modal_projector.linear_1.\1", None),
     (r"vision_language_adapter\.w_out\.(weight|bias)", r"multi_modal_projector.linear_2.\1", None),
 )  # fmt: skip
@@ -177,19 +178,15 @@ def _expected_names(cfg: PixtralConfig) -> set[str]:
     """Every native tensor name a checkpoint of this config must hold."""
     names = {"tok_embeddings.weight", "norm.weight", "output.weight", "vision_encoder.patch_conv.weight", "vision_encoder.ln_pre.weight",
              "vision_language_adapter.w_in.weight", "vision_language_adapter.w_out.weight"}  # fmt: skip
-    for i in range(cfg.text.num_hidden_layers):
-        names |= {f"layers.{i}.{n}.weight" for n in ("attention_norm", "ffn_norm", "attention.wq", "attention.wk", "attention.wv",
-                                                    "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}  # fmt: skip
-    for i in range(cfg.vision.num_hidden_layers):
-        names |= {f"vision_encoder.transformer.layers.{i}.{n}.weight" for n in ("attention_norm", "ffn_norm", "attention.wq",
-                  "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}  # fmt: skip
+    names |= {f"layers.{i}.{t}.weight" for i in range(cfg.text.num_hidden_layers) for t in LAYER_TENSORS}
+    names |= {f"vision_encoder.transformer.layers.{i}.{t}.weight" for i in range(cfg.vision.num_hidden_layers) for t in LAYER_TENSORS}
     if cfg.projector_bias:
         names |= {"vision_language_adapter.w_in.bias", "vision_language_adapter.w_out.bias"}
     return names
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, shard_mb: int = 4096, force: bool = False,
-            progress: Any = None) -> PixtralConfig:  # fmt: skip
+            progress: Callable[[int, int], None] | None = None) -> PixtralConfig:  # fmt: skip
     """Convert a Mistral-native Pixtral directory into an HF Llava directory at `dst` (atomically)."""
     source = read_source(Path(src))
     has_bias = "vision_language_adapter.w_in.bias" in source.names
@@ -203,9 +200,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, shard_mb
         raise ConversionError(f"{source.root}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]!r} (mismatched shard sets?)")
     for name in unexpected:
         hf_name(name)  # raises with a clear message for foreign tensors
+        raise ConversionError(f"{source.root}: tensor {name!r} does not fit params.json ({cfg.text.num_hidden_layers} decoder, "
+                              f"{cfg.vision.num_hidden_layers} vision layers): mismatched shard sets?")  # fmt: skip
     heads = {"text_q": cfg.text.num_attention_heads, "text_kv": cfg.text.num_key_value_heads, "vision": cfg.vision.num_attention_heads}
-    from safetensors import safe_open
-
     with atomic_directory(dst, force) as tmp:
         target_dtype = DTYPES[dtype] if dtype else None
         writer = ShardWriter(tmp, "model", shard_mb * 2**20)

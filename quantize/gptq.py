@@ -36,7 +36,7 @@ class PreparedHessian:
 
 @dataclass(frozen=True)
 class GPTQResult:
-    codes: Tensor  # [K, N'] int64 in [0, 2^b), storage order
+    codes: Tensor  # [K, N'] uint8 in [0, 2^b), storage order
     scale_codes: Tensor  # [G, N'] int64 in [0, 15] (qscale − 1)
     scale_max: Tensor  # [G] fp16, stored undivided
     perm: Tensor  # [K]
@@ -91,7 +91,7 @@ def gptq_quantize(W: Tensor, Hp: PreparedHessian, plan: GroupPlan) -> GPTQResult
     Wq = torch.zeros(K, Np, device=W.device)  # work copy in storage order, columns padded with zeros
     Wq[:, :N] = W.float().T[Hp.perm]
     U = Hp.U
-    codes = torch.zeros(K, Np, dtype=torch.int64, device=W.device)
+    codes = torch.zeros(K, Np, dtype=torch.uint8, device=W.device)  # 8 bits at most: a byte per code
     deq = torch.zeros(K, Np, device=W.device)
     Err = torch.zeros(K, Np, device=W.device)
     scale_codes, scale_max = [], []
@@ -104,7 +104,7 @@ def gptq_quantize(W: Tensor, Hp: PreparedHessian, plan: GroupPlan) -> GPTQResult
         s16 = s.half()
         for c in range(i1, i2):
             q = torch.clamp(torch.round(Wq[c] / s) + zero, 0, maxq)
-            codes[c] = q.long()
+            codes[c] = q.to(torch.uint8)
             deq[c] = ((q - zero).half() * s16).float()
             Err[c] = (Wq[c] - deq[c]) / U[c, c]
             Wq[c:i2].addr_(U[c, c:i2], Err[c], alpha=-1)  # rank-1 update, in place

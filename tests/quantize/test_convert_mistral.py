@@ -244,4 +244,8 @@ def test_failed_conversion_leaves_no_destination(tmp_path: Path) -> None:
     save_file({"patch_merger.merging_layer.weight": torch.zeros(4, 4)}, str(src / "consolidated-extra.safetensors"))
     with pytest.raises(ConversionError, match="unexpected tensor 'patch_merger"):
         convert(src, tmp_path / "hf")
+    (src / "consolidated-extra.safetensors").unlink()
+    save_file({"layers.7.attention.wq.weight": torch.zeros(64, 64)}, str(src / "consolidated-extra.safetensors"))
+    with pytest.raises(ConversionError, match="layers.7.attention.wq.weight' does not fit params.json"):
+        convert(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

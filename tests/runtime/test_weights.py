@@ -83,3 +83,16 @@ def test_missing_tensor_is_named(tiny_model: Path, tmp_path: Path) -> None:
     save_file(tensors, str(shard))
     with pytest.raises(WeightsError, match="vision_tower.ln_pre.weight' missing"):
         load_model(model_dir)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_and_fp32_checkpoints_load(tmp_path: Path, dtype: torch.dtype) -> None:
+    from runtime.synthetic import SyntheticSpec, write_random_model
+
+    model_dir = write_random_model(tmp_path / "m", SyntheticSpec(tokenizer="spm", seed=4), dtype=dtype)
+    with Checkpoint(model_dir) as ckpt:
+        stored = ckpt.get("language_model.model.layers.0.self_attn.q_proj.weight")
+        assert stored.dtype == dtype
+    model = load_model(model_dir)
+    assert torch.equal(model.language_model.model.layers[0].self_attn.q_proj.weight, stored.float())
+    assert torch.isfinite(model(torch.tensor([[1, 3, 500, 4]]))).all()
