@@ -50,7 +50,7 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral mod
         cfg = load_config(model_dir)
         tokenizer = PixtralTokenizer(model_dir)
     except USER_ERRORS as err:
-        raise fail(str(err))
+        raise fail(str(err)) from err
     t, v = cfg.text, cfg.vision
     table = Table(title=f"{model_dir}", show_header=False)
     table.add_row("decoder", f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/{t.num_key_value_heads} "
@@ -83,7 +83,7 @@ def demo_model(
         with console.status("writing the demo model"):
             write_random_model(out_dir, demo_spec(seed), force=force)
     except USER_ERRORS as err:
-        raise fail(str(err))
+        raise fail(str(err)) from err
     console.print(f"demo model written to [bold]{out_dir}[/]")
 
 
@@ -99,7 +99,7 @@ def inspect(
     try:
         report = inspect_checkpoint(model_dir)
     except USER_ERRORS as err:
-        raise fail(str(err))
+        raise fail(str(err)) from err
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -129,7 +129,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise fail(f"--bpw: expected numbers separated by commas (e.g. 2.5,4.0,6.0), got {text!r}")
+        raise fail(f"--bpw: expected numbers separated by commas (e.g. 2.5,4.0,6.0), got {text!r}") from None
 
 
 def _quantize_config(model_dir: Path, out_dir: Path, recipe: str, overrides: dict) -> "QuantizeConfig":
@@ -156,7 +156,7 @@ def quantize(
     model_dir: Annotated[Path, typer.Argument(help="HF Llava/Pixtral model directory (fp16/bf16).")],
     out_dir: Annotated[Path, typer.Argument(help="Output: one complete EXL2 model directory per tier (OUT_DIR/4.0bpw/ …) and measurement.json.")],
     bpw: Annotated[Optional[str], typer.Option("--bpw", help="Target decoder bpw, comma-separated tiers (e.g. 2.5,3.0,4.0,6.0,8.0).")] = None,
-    recipe: Annotated[str, typer.Option(help="Named tier set and calibration mix (recipes/*.toml) or a .toml path; flags override it.")] = "default",
+    recipe: Annotated[str, typer.Option(help="Named tier set and calibration mix (shipped: default, text-only, headline, demo) or a .toml path; flags override it.")] = "default",
     head_bits: Annotated[Optional[int], typer.Option(help="Bits of the output head: 2, 3, 4, 5, 6 or 8.")] = None,
     rows: Annotated[Optional[int], typer.Option(help="Calibration rows for the quantization pass.")] = None,
     measure_rows: Annotated[Optional[int], typer.Option(help="How many of those rows measure every option.")] = None,
@@ -192,9 +192,9 @@ def quantize(
         with _progress_display() as on_progress:
             results = run_quantize(config, on_progress)
     except USER_ERRORS as err:
-        raise fail(str(err))
+        raise fail(str(err)) from err
     except KeyboardInterrupt:
-        raise fail(f"interrupted; continue with the same command plus --resume (state kept in {out_dir}/.work)", 130)
+        raise fail(f"interrupted; continue with the same command plus --resume (state kept in {out_dir}/.work)", 130) from None
     table = Table(title=f"EXL2 tiers in {out_dir}")
     for column in ("tier", "decoder bpw", "head bpw", "size", "calibration KL vs fp16"):
         table.add_column(column, justify="left" if column == "tier" else "right")
@@ -253,7 +253,7 @@ def convert(
         with _progress_display() as on_progress:
             cfg = convert_checkpoint(src, dst, dtype, shard_size, force, lambda done, total: on_progress(Progress("convert", done, total)))
     except USER_ERRORS as err:
-        raise fail(str(err))
+        raise fail(str(err)) from err
     console.print(f"converted to [bold]{dst}[/]: {cfg.text.num_hidden_layers} decoder layers, vision {cfg.vision.num_hidden_layers} layers, "
                   f"projector bias {cfg.projector_bias}")  # fmt: skip
 

@@ -65,19 +65,15 @@ def test_nan_weights(tiny_model: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
-    empty = tmp_path / "empty.txt"
-    empty.write_text("   \n")
-    result = _quantize(tiny_model, tmp_path / "out", "--calibration-text", str(empty))
-    assert result.exit_code == 2 and "empty.txt: no calibration text" in result.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_too_short_calibration_text(tiny_model: Path, tmp_path: Path) -> None:
-    short = tmp_path / "short.txt"
-    short.write_text("Only a few words of text here.")
-    result = _quantize(tiny_model, tmp_path / "out", "--calibration-text", str(short))
-    assert result.exit_code == 2 and "calibration text ran out" in result.output
+@pytest.mark.parametrize(
+    "text,message",
+    [("   \n", "calib.txt: no calibration text"), ("Only a few words of text here.", "calibration text ran out")],
+)
+def test_empty_or_too_short_calibration_text(tiny_model: Path, tmp_path: Path, text: str, message: str) -> None:
+    source = tmp_path / "calib.txt"
+    source.write_text(text)
+    result = _quantize(tiny_model, tmp_path / "out", "--calibration-text", str(source))
+    assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
 
 

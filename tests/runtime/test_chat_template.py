@@ -17,7 +17,7 @@ mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk  # noqa: E402
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage  # noqa: E402
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
-from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall  # noqa: E402
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall  # noqa: E402
 
 from runtime.model_files import bundled_tokenizer_path  # noqa: E402
 
