@@ -104,9 +104,12 @@ class Checkpoint:
                 raise WeightsError(f"{index}: not a safetensors index ({err})") from err
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (self.model_dir / s).is_file()]
-            if missing:
+            if not missing:
+                return [self.model_dir / s for s in shards]
+            # exllamav2's compile copies the source index verbatim (spec pitfall 14): none of its shards
+            # exist, and the real ones are not listed. That index is stale, not a missing shard.
+            if len(missing) < len(shards) or not sorted(self.model_dir.glob("*.safetensors")):
                 raise WeightsError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
-            return [self.model_dir / s for s in shards]
         shards = sorted(self.model_dir.glob("*.safetensors"))
         if not shards:
             raise WeightsError(f"{self.model_dir}: no *.safetensors files (and no {INDEX_NAME})")

@@ -142,3 +142,30 @@ def test_inspect_cli(exl2_pair) -> None:
     assert table.exit_code == 0 and "decoder bpw" in table.output and "lm_head" in table.output
     bad = runner.invoke(app, ["inspect", str(out / "nope")])
     assert bad.exit_code == 2 and "config.json" in bad.output
+
+
+def test_reads_exllamav2_style_output_with_stale_index(exl2_pair, tmp_path: Path) -> None:
+    """exllamav2 writes output.safetensors (one shard, no index) and `-cf` copies the source's index."""
+    out = tmp_path / "exllamav2-style"
+    shutil.copytree(exl2_pair[1], out)
+    tensors = {}
+    for shard in sorted(out.glob("output-*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    save_file(tensors, str(out / "output.safetensors"))
+    shutil.copy(exl2_pair[0] / "model.safetensors.index.json", out / "model.safetensors.index.json")  # stale
+    with EXL2Checkpoint(out) as ckpt, EXL2Checkpoint(exl2_pair[1]) as ours:
+        assert ckpt.layers == ours.layers
+        assert torch.equal(ckpt.dequantized(LAYER), ours.dequantized(LAYER))
+
+
+def test_bias_is_packed_padded_fp16() -> None:
+    from quantize.checkpoint import validate_layer
+    from quantize.gptq import pack_exl2, rtn_quantize
+    from quantize.options import make_plan
+
+    plan = make_plan(64, 4, 4, 64)
+    tensors = pack_exl2(rtn_quantize(torch.randn(40, 64), plan), plan, bias=torch.arange(40.0))
+    assert tensors["bias"].dtype == torch.float16 and tensors["bias"].shape == (64,)
+    assert torch.equal(tensors["bias"][40:], torch.zeros(24, dtype=torch.float16))
+    assert validate_layer("x", tensors) == plan
