@@ -41,6 +41,13 @@ class Candidate:
     def plan(self, rows: int) -> GroupPlan:
         return make_plan(rows, self.hi, self.lo, self.hi_rows)
 
+    def storage_bits(self, rows: int, columns: int) -> int:
+        """`exl2_format.storage_bits(self.plan(rows), columns)` in closed form: the allocator prices
+        thousands of candidates per linear, too many to build plans for."""
+        lo_rows = rows - self.hi_rows
+        groups = -(-self.hi_rows // GROUP_ROWS[self.hi]) + -(-lo_rows // GROUP_ROWS[self.lo])
+        return columns * (self.hi_rows * self.hi + lo_rows * self.lo) + groups * (48 + 4 * columns) + 32 * rows
+
     def to_json(self) -> list[int]:
         return [self.hi, self.lo, self.hi_rows]
 

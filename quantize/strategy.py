@@ -79,7 +79,7 @@ def candidate_options(m: LinearMeasurement) -> tuple[list[Candidate], list[Optio
         if len(points) < 2:
             continue
         candidates.append(candidate)
-        options.append(Option(storage_bits(candidate.plan(m.rows), m.columns), _interpolate(points, candidate.hi_rows)))
+        options.append(Option(candidate.storage_bits(m.rows, m.columns), _interpolate(points, candidate.hi_rows)))
     return candidates, options
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantize.exl2_format import dequantize
+from quantize.exl2_format import dequantize, storage_bits
 from quantize.gptq import PreparedHessian, gptq_quantize, pack_exl2, prepare_hessian, rtn_quantize
 from quantize.options import all_candidates, anchor_candidates, head_plan, make_plan
 
@@ -71,6 +71,8 @@ def test_candidate_plans_are_valid_exl2(rows: int) -> None:
     for candidate in all_candidates(rows)[:: max(1, rows // 64)] + anchor_candidates(rows):
         plan = candidate.plan(rows)
         assert plan.rows == rows
+        for columns in (32, 1024, 14336):
+            assert candidate.storage_bits(rows, columns) == storage_bits(plan, columns)
     assert {c.hi_rows for c in anchor_candidates(rows)} >= {0, rows}
 
 
