@@ -165,8 +165,9 @@ def convert_mistral_tokenizer(path: str | Path) -> HFTokenizer:
     return tekken_to_hf(path) if head == b"{" else spm_to_hf(path)
 
 
-def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_length: int) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_length: int, chat_template: str | None = None) -> None:
+    """Write tokenizer.json, tokenizer_config.json (with the chat template, where HF tokenizers
+    look for it) and special_tokens_map.json."""
     out_dir = Path(out_dir)
     converted.tokenizer.save(str(out_dir / "tokenizer.json"))
     specials = {"bos_token": converted.bos, "eos_token": converted.eos, "unk_token": converted.unk}
@@ -182,5 +183,7 @@ def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_le
         "mistral_tokenizer_kind": converted.kind,
         **specials,
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")

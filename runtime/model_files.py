@@ -35,9 +35,10 @@ def bundled_tokenizer_path(kind: str) -> Path:
 
 
 def write_tokenizer_files(converted: HFTokenizer, out_dir: Path, config: PixtralConfig) -> None:
-    """tokenizer.json (+ configs) and chat_template.json for the converted tokenizer."""
-    write_hf_tokenizer(converted, out_dir, config.text.max_position_embeddings)
-    write_json(out_dir / "chat_template.json", {"chat_template": chat_template(converted.kind)})
+    """tokenizer.json (+ configs) and chat_template.json (read by HF processors) for the tokenizer."""
+    template = chat_template(converted.kind)
+    write_hf_tokenizer(converted, out_dir, config.text.max_position_embeddings, template)
+    write_json(out_dir / "chat_template.json", {"chat_template": template})
 
 
 def write_processor_files(out_dir: Path, config: PixtralConfig) -> None:

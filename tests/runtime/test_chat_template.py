@@ -166,12 +166,16 @@ def test_images_in_assistant_and_tool_messages(pair) -> None:
         tokenizer.encode_chat(messages, grids[:2])
 
 
-def test_transformers_renders_the_same_text(pair) -> None:
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_spm_model"])
+def test_transformers_autotokenizer_gives_the_same_ids(model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """What an HF user gets from AutoTokenizer + apply_chat_template on a directory we wrote."""
     transformers = pytest.importorskip("transformers")
-    kind, tokenizer, _ = pair
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, bos_token="<s>", eos_token="</s>")
-    hf.chat_template = tokenizer.chat_template
-    for case in ("system", "multi_turn", "tools_full_cycle", "interleaved_images", "system_after_user"):
+    model_dir = request.getfixturevalue(model_fixture)
+    hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ours = PixtralTokenizer(model_dir)
+    for case in ("system", "multi_turn", "tools_full_cycle", "interleaved_images", "system_after_user", "spaces_and_unicode"):
         messages, tools = ACCEPTED[case]
-        plain = json.loads(json.dumps(messages, default=lambda _: None))  # HF passes images through untouched
-        assert hf.apply_chat_template(plain, tools=tools, tokenize=False) == tokenizer.render(plain, tools), case
+        plain = json.loads(json.dumps(messages, default=lambda _: None))  # HF passes image parts through untouched
+        assert hf.apply_chat_template(plain, tools=tools, tokenize=False) == ours.render(plain, tools), case
+        if case != "interleaved_images":  # [IMG] expansion is the processor's job, not the tokenizer's
+            assert hf.apply_chat_template(plain, tools=tools, tokenize=True) == ours.encode_chat(plain, tools=tools), case
