@@ -89,6 +89,7 @@ class JobState:
     stage: Stage = Stage.CALIBRATE
     layer: int = 0  # layers finished in the current stage (as of the saved row states)
     states_file: str | None = None  # row states at `layer`, inside the work dir
+    images: int = 0  # pictures in the calibration rows
     plans: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)  # tier -> linear -> groups
     tier_bits: dict[str, dict[str, float]] = field(default_factory=dict)  # tier -> {bits, numel, bpw}
     tier_errors: dict[str, float] = field(default_factory=dict)  # tier -> calibration KL vs fp16

@@ -37,11 +37,19 @@ from .exl2_format import GroupPlan, bits_per_weight
 from .gptq import gptq_quantize, pack_exl2, prepare_hessian
 from .hessian import HessianAccumulator
 from .job import STAGES, JobState, QuantizeConfig, Stage, describe_mismatch, load_state, save_state, tier_name
-from .layerwise import BLOCKS, AnchorResult, BlockRunner, Compute, block_specs, measure_block, quantize_block
-from .options import Candidate, anchor_candidates, head_plan
+from .layerwise import BLOCKS, BlockRunner, Compute, block_specs, measure_block, quantize_block
+from .options import anchor_candidates, head_plan
 from .preflight import check_model, check_plan, linear_shapes
 from .streams import load_rows, load_streams, save_rows, save_streams, save_tensors
-from .strategy import LinearMeasurement, load_measurement, measurement_from_json, measurement_to_json, plan_tier
+from .strategy import (
+    LinearMeasurement,
+    anchors_from_json,
+    anchors_to_json,
+    load_measurement,
+    measurement_from_json,
+    measurement_to_json,
+    plan_tier,
+)
 from .strategy_exllamav2 import is_exllamav2_measurement, plan_tier_exllamav2
 
 QUANTIZER_VERSION = "pixtral-exl2 0.1.0"
@@ -142,7 +150,7 @@ def _start_job(config: QuantizeConfig, progress: ProgressFn) -> JobState:
         shutil.rmtree(config.work_dir, ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
     save_rows(config.work_dir / ROWS_FILE, rows)
-    state = JobState(config.fingerprint(), config.frozen(), stage=Stage.EMBED)
+    state = JobState(config.fingerprint(), config.frozen(), stage=Stage.EMBED, images=sum(len(r.images) for r in rows))
     state.timings[Stage.CALIBRATE.value] = time.monotonic() - started
     save_state(config.work_dir, state)
     progress(Progress("calibrate", 1, 1, f"{len(rows)} rows, {sum(len(r.images) for r in rows)} images"))
@@ -194,13 +202,10 @@ def stage_measure(ctx: JobContext) -> None:
             for block in BLOCKS:
                 results, states = measure_block(runner, block, states, tick)
                 for name, anchors in results.items():
-                    partial[layer_prefix(index) + name] = [[*a.candidate.to_json(), a.bits, a.error] for a in anchors]
+                    partial[layer_prefix(index) + name] = anchors_to_json(anchors)
             atomic_write_json(partial_path, partial)
             ctx.checkpoint_streams(index + 1, {"m": states}, force=index + 1 == layers)
-    measurements = {
-        name: LinearMeasurement(*shapes[name], tuple(AnchorResult(Candidate(hi, lo, n), bits, err) for hi, lo, n, bits, err in entries))
-        for name, entries in partial.items()
-    }
+    measurements = {name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()}
     atomic_write_json(Path(ctx.config.out_dir) / "measurement.json", measurement_to_json(measurements, _measurement_meta(ctx)))
 
 
@@ -214,13 +219,14 @@ def _tier_plans(ctx: JobContext) -> dict[str, dict[str, GroupPlan]]:
     """Per tier, the layout of every decoder linear (allocated once, kept in the job state)."""
     if not ctx.state.plans:
         source = ctx.config.measurement or Path(ctx.config.out_dir) / "measurement.json"
-        data = load_measurement(source)
-        shapes = linear_shapes(ctx.cfg)
-        for bpw in sorted(ctx.config.tiers):
-            if is_exllamav2_measurement(data):
-                tier = plan_tier_exllamav2(data, shapes, bpw, str(source))
-            else:
-                tier = plan_tier(measurement_from_json(data, str(source)), bpw)
+        data, shapes = load_measurement(source), linear_shapes(ctx.cfg)
+        targets = sorted(ctx.config.tiers)
+        if is_exllamav2_measurement(data):
+            tiers = [plan_tier_exllamav2(data, shapes, bpw, str(source)) for bpw in targets]
+        else:
+            measurements = measurement_from_json(data, str(source))
+            tiers = [plan_tier(measurements, bpw) for bpw in targets]
+        for bpw, tier in zip(targets, tiers):
             ctx.state.plans[tier_name(bpw)] = {k: [list(g) for g in p.groups] for k, p in tier.plans.items()}
             ctx.state.tier_bits[tier_name(bpw)] = {"target": bpw, "bits": tier.bits, "numel": tier.numel, "bpw": tier.bpw}
         ctx.save()
@@ -288,7 +294,7 @@ def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 def stage_compile(ctx: JobContext) -> None:
     """Write each tier's complete model directory (atomically); a tier already written is kept."""
-    spec, images = ctx.config.calibration, sum(len(r.images) for r in load_rows(ctx.work / ROWS_FILE))
+    spec, images = ctx.config.calibration, ctx.state.images
     for done, tier in enumerate(sorted(ctx.state.plans), start=1):
         out = Path(ctx.config.out_dir) / tier
         if tier in ctx.state.compiled or (ctx.config.resume and _is_exl2_dir(out)):

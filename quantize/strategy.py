@@ -145,17 +145,21 @@ def minimum_bpw(shapes: dict[str, tuple[int, int]]) -> float:
 # --- measurement.json ------------------------------------------------------------------------
 
 
+def anchors_to_json(anchors: tuple[AnchorResult, ...] | list[AnchorResult]) -> list[dict[str, Any]]:
+    return [{"candidate": a.candidate.to_json(), "bits": a.bits, "error": a.error} for a in anchors]
+
+
+def anchors_from_json(entries: list[dict[str, Any]]) -> tuple[AnchorResult, ...]:
+    return tuple(AnchorResult(Candidate(*a["candidate"]), int(a["bits"]), float(a["error"])) for a in entries)
+
+
 def measurement_to_json(measurements: dict[str, LinearMeasurement], meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": MEASUREMENT_FORMAT,
         "version": MEASUREMENT_VERSION,
         **meta,
         "linears": {
-            name: {
-                "rows": m.rows,
-                "columns": m.columns,
-                "anchors": [{"candidate": a.candidate.to_json(), "bits": a.bits, "error": a.error} for a in m.anchors],
-            }
+            name: {"rows": m.rows, "columns": m.columns, "anchors": anchors_to_json(m.anchors)}
             for name, m in sorted(measurements.items())
         },
     }
@@ -164,11 +168,10 @@ def measurement_to_json(measurements: dict[str, LinearMeasurement], meta: dict[s
 def measurement_from_json(data: dict[str, Any], source: str) -> dict[str, LinearMeasurement]:
     if data.get("format") != MEASUREMENT_FORMAT:
         raise MeasurementError(f"{source}: not a pixtral-exl2 measurement")
-    out = {}
-    for name, entry in data["linears"].items():
-        anchors = tuple(AnchorResult(Candidate(*a["candidate"]), int(a["bits"]), float(a["error"])) for a in entry["anchors"])
-        out[name] = LinearMeasurement(int(entry["rows"]), int(entry["columns"]), anchors)
-    return out
+    return {
+        name: LinearMeasurement(int(entry["rows"]), int(entry["columns"]), anchors_from_json(entry["anchors"]))
+        for name, entry in data["linears"].items()
+    }
 
 
 def load_measurement(path: str | Path) -> dict[str, Any]:
