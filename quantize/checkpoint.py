@@ -22,7 +22,7 @@ import torch
 from runtime.atomic import atomic_directory, write_json
 from runtime.config import load_config
 from runtime.text import DECODER_LINEARS, LAYER_PREFIX
-from runtime.weights import Checkpoint, ShardWriter
+from runtime.weights import Checkpoint, ShardWriter, tensor_nbytes
 
 from .exl2_format import FormatError, GroupPlan, bits_per_weight, dequantize, parse_q_groups, storage_bits
 
@@ -100,6 +100,9 @@ class EXL2Checkpoint:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The validated EXL2 tensors of one layer, keyed by suffix."""
+        return self._layer(prefix)[0]
+
+    def _layer(self, prefix: str) -> tuple[dict[str, torch.Tensor], GroupPlan]:
         out = {}
         for suffix in (*EXL2_SUFFIXES, "bias"):
             name = f"{prefix}.{suffix}"
@@ -108,8 +111,7 @@ class EXL2Checkpoint:
                 if stored != EXL2_DTYPES[suffix]:
                     raise FormatError(f"{self.weights.shard_of(name)}: {name} is {stored}, expected {EXL2_DTYPES[suffix]}")
                 out[suffix] = self.weights.get(name)
-        validate_layer(prefix, out, str(self.model_dir))
-        return out
+        return out, validate_layer(prefix, out, str(self.model_dir))
 
     def dequantized(self, prefix: str) -> torch.Tensor:
         """fp16 weight [N', K] of a layer, exactly as exllamav2 reconstructs it."""
@@ -117,8 +119,7 @@ class EXL2Checkpoint:
         return dequantize(t["q_weight"], t["q_scale"], t["q_scale_max"], t["q_groups"], t["q_invperm"])
 
     def summary(self, prefix: str) -> LayerSummary:
-        t = self.tensors(prefix)
-        plan = parse_q_groups(t["q_groups"], t["q_weight"].shape[0])
+        t, plan = self._layer(prefix)
         columns, bias = t["q_weight"].shape[1], "bias" in t
         return LayerSummary(
             name=prefix,
@@ -127,7 +128,7 @@ class EXL2Checkpoint:
             plan=plan,
             bpw=bits_per_weight(plan, columns, bias),
             bits=storage_bits(plan, columns, bias),
-            file_bytes=sum(v.numel() * v.element_size() for v in t.values()),
+            file_bytes=sum(tensor_nbytes(v) for v in t.values()),
         )
 
     def decoder_bpw(self, summaries: Iterable[LayerSummary] | None = None) -> float:

@@ -68,12 +68,13 @@ def check_plan(config: QuantizeConfig, cfg: PixtralConfig) -> None:
         raise ValueError("no target bpw given (--bpw 4.0, or a list such as 2.5,3.0,4.0)")
     if config.head_bits not in HEAD_OPTIONS:
         raise ValueError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)}, got {config.head_bits}")
-    lowest = minimum_bpw(linear_shapes(cfg))
+    shapes = linear_shapes(cfg)
+    lowest = minimum_bpw(shapes)
     for bpw in config.tiers:
         if not lowest <= bpw <= MAX_BPW:
             raise ValueError(f"target {bpw} bpw is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW})")
     if config.measurement is not None:
-        check_measurement(Path(config.measurement), linear_shapes(cfg))
+        check_measurement(Path(config.measurement), shapes)
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not (config.resume or config.force):
         raise OutputExistsError(f"{out_dir}: already exists; pass --resume to continue a job there, or --force to start over")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             label = next(label for label, prefix in FP16_GROUPS if name.startswith(prefix))
             entry = kept.setdefault(label, {"tensors": 0, "params": 0, "dtypes": set()})
             entry["tensors"] += 1
-            entry["params"] += _numel(ckpt.weights.shape(name))
+            entry["params"] += math.prod(ckpt.weights.shape(name))
             entry["dtypes"].add(ckpt.weights.dtype(name))
         report = {
             "model_dir": str(model_dir),
@@ -49,13 +51,6 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             "files": [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(model_dir.iterdir()) if p.is_file()],
         }
     return report
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _bits_histogram(summary: Any) -> dict[str, float]:

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from calibration.rows import CalibrationRow
 
@@ -28,12 +29,15 @@ def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
     _atomic_save(path, tensors, {"kinds": kinds})
 
 
-def load_rows(path: Path) -> list[CalibrationRow]:
-    tensors = load_file(str(path))
-    from safetensors import safe_open
-
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a file and its metadata, in one open."""
     with safe_open(str(path), "pt") as handle:
-        kinds = handle.metadata()["kinds"].split(",")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()
+
+
+def load_rows(path: Path) -> list[CalibrationRow]:
+    tensors, metadata = _load(path)
+    kinds = metadata["kinds"].split(",")
     rows = [CalibrationRow(ids.clone(), [], kind) for ids, kind in zip(tensors["input_ids"], kinds)]
     for image_index, row_index in enumerate(tensors["image_row"].tolist()):
         rows[row_index].images.append(tensors[f"image.{image_index}"].numpy())
@@ -47,13 +51,9 @@ def save_streams(path: Path, streams: dict[str, list[torch.Tensor]]) -> None:
 
 
 def load_streams(path: Path) -> dict[str, list[torch.Tensor]]:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        layout = handle.metadata()["streams"]
+    tensors, metadata = _load(path)
     streams = {}
-    for entry in filter(None, layout.split(",")):
+    for entry in filter(None, metadata["streams"].split(",")):
         name, count = entry.rsplit(":", 1)
         streams[name] = [tensors[f"{name}.{i}"] for i in range(int(count))]
     return streams
