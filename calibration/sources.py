@@ -13,6 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from runtime.errors import UserError
+from runtime.image import ImageError, open_image
+
 from .render import ImageSample, rendered_samples
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -22,7 +25,7 @@ WIKI_DOC_END = "</doc>\n"
 MAX_DOC_CHARS = 6000
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """A calibration source that is missing, empty, or too short for the rows asked for."""
 
 
@@ -65,9 +68,11 @@ def _load(builder: str, path: Path, **kwargs: object) -> list[dict]:
             dataset = datasets.load_dataset(builder, data_dir=str(path), split="train", **kwargs)
         else:
             dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
+        if builder == "imagefolder":  # paths only: we decode (with our size caps and clear errors)
+            dataset = dataset.cast_column("image", datasets.Image(decode=False))
+        return list(dataset)
     except Exception as err:  # datasets raises many kinds; all mean "cannot read this file"
         raise CalibrationError(f"{path}: cannot read as {builder} calibration data ({err})") from err
-    return list(dataset)
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -106,20 +111,28 @@ def read_image_samples(path: str | Path) -> list[ImageSample]:
         raise CalibrationError(f"{path}: calibration images not found")
     if path.is_dir():
         records = _load("imagefolder", path)
-        samples = [_sample(r["image"], r, f"{path}:{i}") for i, r in enumerate(records)]
+        samples = [_sample(_open(r["image"]["path"] or r["image"]["bytes"], f"{path}: image {i}: "), r, f"{path}:{i}")
+                   for i, r in enumerate(records)]  # fmt: skip
     elif path.suffix == ".jsonl":
         samples = []
         for i, record in enumerate(_load("json", path)):
             image_path = path.parent / str(record.get("image", ""))
             if not image_path.is_file():
                 raise CalibrationError(f"{path}: row {i} names image {record.get('image')!r}, which does not exist")
-            with Image.open(image_path) as image:
-                samples.append(_sample(image.copy(), record, str(image_path)))
+            samples.append(_sample(_open(image_path, f"{path}: row {i}: "), record, str(image_path)))
     else:
         raise CalibrationError(f"{path}: calibration images must be a folder or a .jsonl file")
     if not samples:
         raise CalibrationError(f"{path}: no calibration images in it")
     return samples
+
+
+def _open(source: str | Path | bytes, where: str) -> Image.Image:
+    """Decode a calibration picture; a path names itself in errors, bytes get `where`."""
+    try:
+        return open_image(source)
+    except ImageError as err:
+        raise CalibrationError(f"calibration image {'' if isinstance(source, (str, Path)) else where}{err}") from err
 
 
 def _sample(image: Image.Image, record: dict, source: str) -> ImageSample:

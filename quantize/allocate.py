@@ -11,6 +11,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from runtime.errors import UserError
+
 
 @dataclass(frozen=True)
 class Option:
@@ -18,7 +20,7 @@ class Option:
     error: float  # expected contribution to the objective
 
 
-class InfeasibleBudget(ValueError):
+class InfeasibleBudget(UserError):
     """Even the cheapest option everywhere costs more than the budget."""
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from runtime.atomic import atomic_directory, write_json
 from runtime.config import load_config
+from runtime.outputs import atomic_directory, write_json
 from runtime.text import DECODER_LINEARS, LAYER_PREFIX
 from runtime.weights import Checkpoint, ShardWriter, tensor_nbytes
 
@@ -153,10 +153,11 @@ def natural_key(name: str) -> list[Any]:
 
 
 def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
-    """Copy every non-weight file of the source directory (tokenizer, templates, processor configs)."""
+    """Copy every non-weight file of the source directory (tokenizer, templates, processor configs);
+    hidden files (the source's output marker, editor or temp files) are not the model's."""
     copied = []
     for path in sorted(source_dir.iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_FILE_SUFFIXES) and path.name not in INDEX_FILES:
+        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(WEIGHT_FILE_SUFFIXES) and path.name not in INDEX_FILES:
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied
@@ -178,7 +179,7 @@ def write_exl2_checkpoint(
     """
     source_dir = Path(source_dir)
     pending = set(quantized_prefixes)
-    with atomic_directory(out_dir, force) as tmp, Checkpoint(source_dir) as source:
+    with atomic_directory(out_dir, force, "quantize", [source_dir]) as tmp, Checkpoint(source_dir) as source:
         writer = ShardWriter(tmp, "output", shard_mb * 2**20)
         for name in sorted(source.names(), key=natural_key):
             prefix, _, leaf = name.rpartition(".")

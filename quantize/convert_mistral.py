@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from runtime.atomic import atomic_directory
-from runtime.config import PixtralConfig, TextConfig, VisionConfig
-from runtime.model_files import write_model_files
-from runtime.weights import ShardWriter, read_safetensors_header
 from safetensors import safe_open
+
+from runtime.config import PixtralConfig, TextConfig, VisionConfig
+from runtime.errors import UserError
+from runtime.model_files import write_model_files
+from runtime.outputs import atomic_directory
+from runtime.weights import ShardWriter, read_safetensors_header
 
 from .checkpoint import natural_key
 
@@ -62,7 +63,7 @@ NAME_MAP: tuple[tuple[str, str, str | None], ...] = (
 _COMPILED = tuple((re.compile(pattern + "$"), template, permute) for pattern, template, permute in NAME_MAP)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A source that is not a Mistral-native Pixtral checkpoint, or an inconsistent one."""
 
 
@@ -203,7 +204,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, shard_mb
         raise ConversionError(f"{source.root}: tensor {name!r} does not fit params.json ({cfg.text.num_hidden_layers} decoder, "
                               f"{cfg.vision.num_hidden_layers} vision layers): mismatched shard sets?")  # fmt: skip
     heads = {"text_q": cfg.text.num_attention_heads, "text_kv": cfg.text.num_key_value_heads, "vision": cfg.vision.num_attention_heads}
-    with atomic_directory(dst, force) as tmp:
+    with atomic_directory(dst, force, "convert", [source.root]) as tmp:
         target_dtype = DTYPES[dtype] if dtype else None
         writer = ShardWriter(tmp, "model", shard_mb * 2**20)
         for shard_index, shard in enumerate(source.shards, start=1):

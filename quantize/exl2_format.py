@@ -15,13 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime.errors import UserError
+
 EXL2_BITS = (8, 6, 5, 4, 3, 2)  # the only widths, in the order the kernel expects them
 SCALE_BITS = 4
 COLUMN_ALIGN = 32
 INT16_MAX = 32767
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """Tensors that do not form a valid EXL2 layer."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime.errors import UserError
+
 from .exl2_format import GroupPlan, build_q_groups, pack_q_weight, pack_scales, pad_columns, perm_to_q_invperm
 
 DAMP = 0.12  # exllamav2's percdamp since 2024-04: fraction of mean(diag H) added to the diagonal
@@ -23,6 +25,10 @@ P_MIN, P_MAX = 0.70, 1.20
 ERR_NORM = 3.5  # the search minimises Σ|Δw|^3.5: weighs large errors more than L2
 P_SEARCH_ELEMENTS = 1 << 21  # [chunk, R, N] temporaries of ~8 MiB: reused from the heap, no page-fault storm
 P_SEARCH_MAX_COLUMNS = 16384  # one scalar p per group: a strided sample of a 131k-wide head finds it as well
+
+
+class QuantizationError(UserError):
+    """A layer that cannot be quantized (a singular Hessian: dead or duplicated input channels)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ def prepare_hessian(H: Tensor, damp: float = DAMP, act_order: bool = True) -> Pr
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and not torch.isnan(U).any():
                 return PreparedHessian(perm, U, H)
-    raise ValueError("Hessian is not invertible even after repeated damping (dead or duplicated input channels?)")
+    raise QuantizationError("Hessian is not invertible even after repeated damping (dead or duplicated input channels?)")
 
 
 def find_scales(W: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:

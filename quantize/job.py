@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from calibration.rows import CalibrationSpec
-from runtime.atomic import atomic_write_json
+from runtime.outputs import atomic_write_json
 
 from .checkpoint import DEFAULT_SHARD_MB
 from .gptq import DAMP
 
 WORK_DIR = ".work"
 JOB_FILE = "job.json"
+MEASUREMENT_FILE = "measurement.json"  # in OUT_DIR: every job leaves the measurement its tiers came from
 
 
 class Stage(str, Enum):
@@ -118,5 +119,7 @@ def load_state(work_dir: Path) -> JobState | None:
 
 
 def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The settings that differ, compared as the job file stores them (tuples read back as lists)."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     return ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from runtime.config import TextConfig
+from runtime.device import resolve_device
 from runtime.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
 
 from .exl2_format import GroupPlan, pad_columns, storage_bits
@@ -35,7 +36,7 @@ class Compute:
 
     @staticmethod
     def for_device(name: str, damp: float = DAMP) -> Compute:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+        device = resolve_device(name)
         return Compute(device, torch.float16 if device.type == "cuda" else torch.float32, damp)
 
 

@@ -9,7 +9,10 @@ quantized and measured; the error between anchors is interpolated (it falls smoo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from runtime.errors import OptionError
 
 from .exl2_format import GroupPlan
 
@@ -83,8 +86,11 @@ def all_candidates(rows: int) -> list[Candidate]:
 def head_plan(rows: int, head_bits: int) -> GroupPlan:
     """The head's layout for `--head-bits` (2, 3, 4, 5, 6 or 8), as exllamav2 chooses it."""
     if head_bits not in HEAD_OPTIONS:
-        raise ValueError(f"head bits must be one of {sorted(HEAD_OPTIONS)}, got {head_bits}")
+        raise OptionError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)}, got {head_bits}")
     hi, lo, share, group = HEAD_OPTIONS[head_bits]
-    if hi == lo:
-        return GroupPlan.from_proportions(rows, [hi], [1.0], {hi: group})
-    return GroupPlan.from_proportions(rows, [hi, lo], [share, 1.0 - share], {hi: group, lo: group})
+    # exllamav2 rounds the hi share up to whole groups; on a small head (K = 128) that makes every
+    # row 8-bit, so where rounding would more than double the share, round to 32-row steps instead
+    hi_rows = min(rows, math.ceil(share * rows / group) * group)
+    if hi_rows > 2 * share * rows:
+        hi_rows = round(share * rows / ROW_STEP) * ROW_STEP
+    return make_plan(rows, hi, lo, hi_rows, {hi: group, lo: group})

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from calibration.rows import build_rows
 from runtime.config import PixtralConfig
 from runtime.model import PixtralModel, insert_image_features, load_layer, load_module
-from runtime.atomic import atomic_write_json
+from runtime.outputs import atomic_write_bytes, atomic_write_json
 from runtime.text import RMSNorm, layer_prefix
 from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint
@@ -36,11 +36,10 @@ from .checkpoint import EXLLAMAV2_VERSION, write_exl2_checkpoint
 from .exl2_format import GroupPlan, bits_per_weight
 from .gptq import gptq_quantize, pack_exl2, prepare_hessian
 from .hessian import HessianAccumulator
-from .job import STAGES, JobState, QuantizeConfig, Stage, describe_mismatch, load_state, save_state, tier_name
+from .job import MEASUREMENT_FILE, STAGES, JobState, QuantizeConfig, Stage, describe_mismatch, load_state, save_state, tier_name
 from .layerwise import BLOCKS, BlockRunner, Compute, block_specs, measure_block, quantize_block
 from .options import anchor_candidates, head_plan
 from .preflight import check_model, check_plan, linear_shapes
-from .streams import load_rows, load_streams, save_rows, save_streams, save_tensors
 from .strategy import (
     LinearMeasurement,
     anchors_from_json,
@@ -51,6 +50,7 @@ from .strategy import (
     plan_tier,
 )
 from .strategy_exllamav2 import is_exllamav2_measurement, plan_tier_exllamav2
+from .streams import load_rows, load_streams, save_rows, save_streams, save_tensors
 
 QUANTIZER_VERSION = "pixtral-exl2 0.1.0"
 ROWS_FILE, EMBED_FILE, PARTIAL_MEASUREMENT = "calibration.safetensors", "states-embed.safetensors", "measurement.partial.json"
@@ -149,12 +149,20 @@ def _start_job(config: QuantizeConfig, progress: ProgressFn) -> JobState:
     if config.force and Path(config.out_dir).exists():
         shutil.rmtree(config.work_dir, ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
+    if config.measurement is not None:
+        _keep_measurement(Path(config.measurement), Path(config.out_dir) / MEASUREMENT_FILE)
     save_rows(config.work_dir / ROWS_FILE, rows)
     state = JobState(config.fingerprint(), config.frozen(), stage=Stage.EMBED, images=sum(len(r.images) for r in rows))
     state.timings[Stage.CALIBRATE.value] = time.monotonic() - started
     save_state(config.work_dir, state)
     progress(Progress("calibrate", 1, 1, f"{len(rows)} rows, {sum(len(r.images) for r in rows)} images"))
     return state
+
+
+def _keep_measurement(source: Path, copy: Path) -> None:
+    """A job reusing a measurement still leaves it in OUT_DIR, as every job does."""
+    if source.resolve() != copy.resolve():
+        atomic_write_bytes(copy, source.read_bytes())
 
 
 @torch.no_grad()
@@ -206,7 +214,7 @@ def stage_measure(ctx: JobContext) -> None:
             atomic_write_json(partial_path, partial)
             ctx.checkpoint_streams(index + 1, {"m": states}, force=index + 1 == layers)
     measurements = {name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()}
-    atomic_write_json(Path(ctx.config.out_dir) / "measurement.json", measurement_to_json(measurements, _measurement_meta(ctx)))
+    atomic_write_json(Path(ctx.config.out_dir) / MEASUREMENT_FILE, measurement_to_json(measurements, _measurement_meta(ctx)))
 
 
 def _measurement_meta(ctx: JobContext) -> dict:
@@ -218,7 +226,7 @@ def _measurement_meta(ctx: JobContext) -> dict:
 def _tier_plans(ctx: JobContext) -> dict[str, dict[str, GroupPlan]]:
     """Per tier, the layout of every decoder linear (allocated once, kept in the job state)."""
     if not ctx.state.plans:
-        source = ctx.config.measurement or Path(ctx.config.out_dir) / "measurement.json"
+        source = ctx.config.measurement or Path(ctx.config.out_dir) / MEASUREMENT_FILE
         data, shapes = load_measurement(source), linear_shapes(ctx.cfg)
         targets = sorted(ctx.config.tiers)
         if is_exllamav2_measurement(data):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from runtime.atomic import OutputExistsError
 from runtime.config import PixtralConfig, load_config
+from runtime.device import resolve_device
+from runtime.errors import OptionError, check_range
+from runtime.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable, read_marker
 from runtime.text import DECODER_LINEARS, layer_prefix
 from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint, WeightsError
 
 from .exl2_format import pad_columns
-from .job import QuantizeConfig, load_state
+from .job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
 from .options import HEAD_OPTIONS
 from .strategy import MeasurementError, load_measurement, measurement_from_json, minimum_bpw
 from .strategy_exllamav2 import is_exllamav2_measurement
@@ -62,26 +65,102 @@ def check_model(model_dir: Path, check_values: bool, tick: Callable[[int, int], 
     return cfg
 
 
-def check_plan(config: QuantizeConfig, cfg: PixtralConfig) -> None:
-    """Tiers reachable for these shapes, valid head bits, and an output directory we may write."""
+MAX_ROWS = 100_000
+MIN_LENGTH, MAX_LENGTH = 16, 1 << 20
+MAX_SHARD_MB = 1 << 20
+RAM_HEADROOM = 0.9  # refuse a job whose row states alone would fill more of the host's memory
+
+
+def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
+    """Every option (flag or recipe field) in range for this model, before any work."""
+    spec = config.calibration
+    check_range("--rows (calibration.rows)", spec.rows, 1, MAX_ROWS)
+    check_range("--measure-rows (calibration.measure_rows)", spec.measure_rows, 1, spec.rows)
+    context = min(cfg.text.max_position_embeddings, MAX_LENGTH)
+    check_range("--length (calibration.length)", spec.length, MIN_LENGTH, context)
+    check_range("--image-fraction (calibration.image_fraction)", spec.image_fraction, 0.0, 1.0, "a number")
+    check_range("calibration.image_token_share", spec.image_token_share, 0.05, 1.0, "a number")
+    check_range("calibration.random_rows", spec.random_rows, 0, spec.rows)
+    check_range("--seed (calibration.seed)", spec.seed, 0, 2**63 - 1)
+    check_range("--shard-size", config.shard_mb, 1, MAX_SHARD_MB)
+    check_range("--save-every", config.checkpoint_seconds, 0, 1e9, "a number of seconds")
+    check_range("damp", config.damp, 1e-6, 1.0, "a number")
+    resolve_device(config.device)
     if not config.tiers:
-        raise ValueError("no target bpw given (--bpw 4.0, or a list such as 2.5,3.0,4.0)")
+        raise OptionError("--bpw: no target bpw given (e.g. --bpw 4.0, or a list such as 2.5,3.0,4.0)")
+    names = [tier_name(b) for b in config.tiers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise OptionError(f"--bpw: {repeated[0].removesuffix('bpw')} is given more than once")
     if config.head_bits not in HEAD_OPTIONS:
-        raise ValueError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)}, got {config.head_bits}")
-    shapes = linear_shapes(cfg)
-    lowest = minimum_bpw(shapes)
+        raise OptionError(f"--head-bits: expected one of {', '.join(map(str, sorted(HEAD_OPTIONS)))}, got {config.head_bits}")
+    lowest = minimum_bpw(linear_shapes(cfg))
     for bpw in config.tiers:
         if not lowest <= bpw <= MAX_BPW:
-            raise ValueError(f"target {bpw} bpw is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW})")
+            raise OptionError(f"--bpw: {bpw:g} is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW:g})")
+    _check_memory(config, cfg)
+
+
+def state_bytes(config: QuantizeConfig, cfg: PixtralConfig) -> int:
+    """Host memory of the row states the quantize stage keeps: one stream per tier plus the reference."""
+    spec = config.calibration
+    row = spec.length * cfg.text.hidden_size * 2  # fp16
+    return (len(config.tiers) * spec.rows + spec.measure_rows) * row
+
+
+def _check_memory(config: QuantizeConfig, cfg: PixtralConfig) -> None:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = state_bytes(config, cfg)
+    if need > RAM_HEADROOM * ram:
+        raise OptionError(f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: the row "
+                          f"states need {need / 2**30:.1f} GiB of RAM, this machine has {ram / 2**30:.1f} GiB; lower --rows or "
+                          "--length, or quantize fewer tiers per run (reuse OUT/measurement.json with --measurement)")  # fmt: skip
+
+
+def check_plan(config: QuantizeConfig, cfg: PixtralConfig) -> None:
+    """Options in range, a usable measurement, and an output directory we may write."""
+    check_options(config, cfg)
     if config.measurement is not None:
-        check_measurement(Path(config.measurement), shapes)
+        check_measurement(Path(config.measurement), linear_shapes(cfg))
+    check_output_dir(config)
+
+
+def check_output_dir(config: QuantizeConfig) -> None:
+    """OUT_DIR may not overlap the model; --force replaces only our tiers, measurement.json and .work;
+    --resume needs a job (or finished tiers) to continue."""
     out_dir = Path(config.out_dir)
-    if out_dir.exists() and not (config.resume or config.force):
-        raise OutputExistsError(f"{out_dir}: already exists; pass --resume to continue a job there, or --force to start over")
-    if config.resume and not config.force and out_dir.exists() and load_state(config.work_dir) is None:
-        finished = [p.name for p in out_dir.iterdir() if p.is_dir() and p.name.endswith("bpw")]
-        if not finished and any(out_dir.iterdir()):
-            raise OutputExistsError(f"{out_dir}: exists but holds no quantize job to resume; pass --force to start over")
+    check_outside_inputs(out_dir, [config.model_dir], "output directory")
+    check_writable(out_dir)
+    if not out_dir.exists():
+        if config.resume:
+            raise OutputError(f"{out_dir}: does not exist, so there is no job to resume; run without --resume")
+        return
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    if not (config.resume or config.force):
+        raise OutputError(f"{out_dir}: already exists; pass --resume to continue a job there, or --force to start over")
+    written = [out_dir / tier_name(b) for b in config.tiers] + [config.work_dir]
+    sources = [*map(Path, config.calibration.text_sources), *map(Path, config.calibration.image_sources)]
+    for path in written + [out_dir / MEASUREMENT_FILE]:
+        check_outside_inputs(path, sources, "output")
+    if config.measurement is not None:
+        for path in written:
+            check_outside_inputs(path, [Path(config.measurement)], "output")
+    if config.force:
+        for tier in written[:-1]:
+            check_replaceable(tier, True, "quantize")
+        return
+    if load_state(config.work_dir) is None and not all(_is_finished(out_dir / tier_name(b)) for b in config.tiers):
+        raise OutputError(f"{out_dir}: holds no unfinished quantize job to resume; pass --force to start over there "
+                          "(only its tiers, measurement.json and .work are replaced)")  # fmt: skip
+
+
+def _is_finished(tier_dir: Path) -> bool:
+    marker = read_marker(tier_dir)
+    return marker is not None and "config.json" in marker["files"]
 
 
 def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import EXL2Checkpoint
+from .exl2_format import FormatError
 
 FP16_GROUPS = (
     ("vision tower", "vision_tower."),
@@ -21,6 +21,8 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
     """Per-layer bits and sizes, the decoder's bpw, head bits, fp16 parts, and files."""
     model_dir = Path(model_dir)
     with EXL2Checkpoint(model_dir) as ckpt:
+        if not ckpt.layers:
+            raise FormatError(f"{model_dir}: not an EXL2 checkpoint (no *.q_weight tensors); `pixtral-exl2 info` describes fp16 models")
         summaries = [ckpt.summary(prefix) for prefix in ckpt.layers]
         head = [s for s in summaries if s.name.endswith("lm_head")]
         kept: dict[str, dict[str, Any]] = {}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import UserError
+
 from .allocate import Option, allocate
 from .exl2_format import GroupPlan, storage_bits
 from .layerwise import AnchorResult
@@ -26,7 +28,7 @@ FINE_GROUP_ROWS = 32  # the finest scale groups refine_groups() makes
 MEASUREMENT_VERSION = 1
 
 
-class MeasurementError(ValueError):
+class MeasurementError(UserError):
     """A measurement file that does not fit the model or is not a measurement."""
 
 

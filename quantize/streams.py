@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibration.rows import CalibrationRow
+from runtime.outputs import follow_umask
 
 
 def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
@@ -62,6 +63,7 @@ def load_streams(path: Path) -> dict[str, list[torch.Tensor]]:
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=metadata)
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 

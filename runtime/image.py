@@ -15,7 +15,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,7 +25,7 @@ DEFAULT_MAX_PIXELS = 64_000_000  # decoded-pixel cap: a decompression bomb is re
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be read, or is too large to accept."""
 
 
@@ -67,6 +69,8 @@ def open_image(
             image.load()
     except ImageError:
         raise
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{label}: not a readable image (unknown format or corrupt data)") from err
     except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError) as err:
         raise ImageError(f"{label}: not a readable image ({err})") from err
     return image

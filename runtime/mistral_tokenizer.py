@@ -19,10 +19,12 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from .errors import UserError
+
 SPIECE_UNDERLINE = "▁"
 
 
-class TokenizerSourceError(ValueError):
+class TokenizerSourceError(UserError):
     """A tokenizer file that is not a tekken.json or a SentencePiece model."""
 
 

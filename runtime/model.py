@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PixtralConfig, load_config
+from .image import ImageError
 from .text import DecoderLayer, LanguageModel, layer_prefix
 from .vision import Projector, VisionTower
 from .weights import Checkpoint, WeightsError
@@ -51,7 +52,7 @@ def insert_image_features(embeds: Tensor, input_ids: Tensor, features: Tensor, i
     is_image = input_ids == image_token
     count = int(is_image.sum())
     if count != features.shape[0]:
-        raise ValueError(
+        raise ImageError(
             f"prompt has {count} [IMG] tokens but the images give {features.shape[0]} patch features"
         )
     out = embeds.clone()

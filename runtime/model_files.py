@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .atomic import write_json
 from .chat_template import chat_template
 from .config import PixtralConfig, to_hf_dict
 from .image import CLIP_MEAN, CLIP_STD
-from .mistral_tokenizer import HFTokenizer, convert_mistral_tokenizer, write_hf_tokenizer
+from .mistral_tokenizer import HFTokenizer, TokenizerSourceError, convert_mistral_tokenizer, write_hf_tokenizer
+from .outputs import write_json
 
 # the tokenizers mistral-common ships (../shared/spec/pixtral.md §1.4)
 BUNDLED_TOKENIZERS = {
@@ -87,7 +87,7 @@ def write_model_files(out_dir: Path, config: PixtralConfig, tokenizer_source: Pa
     """Every non-weight file of the model directory; returns the converted tokenizer."""
     converted = convert_mistral_tokenizer(tokenizer_source)
     if converted.tokenizer.get_vocab_size() != config.text.vocab_size:
-        raise ValueError(
+        raise TokenizerSourceError(
             f"{tokenizer_source}: tokenizer has {converted.tokenizer.get_vocab_size()} tokens "
             f"but the model's vocab_size is {config.text.vocab_size}"
         )

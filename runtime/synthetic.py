@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_directory
 from .config import PixtralConfig, TextConfig, VisionConfig
 from .model import PixtralModel
 from .model_files import bundled_tokenizer_path, write_model_files
+from .outputs import atomic_directory
 from .weights import ShardWriter
 
 TOKENIZER_VOCAB = {"tekken": 131072, "spm": 32768}
@@ -124,7 +124,7 @@ def write_random_model(
     """Write a complete HF Llava/Pixtral directory with random weights and a real tokenizer."""
     cfg = spec.config()
     dtype_name = str(dtype).removeprefix("torch.")
-    with atomic_directory(out_dir, force) as tmp:
+    with atomic_directory(out_dir, force, "demo-model") as tmp:
         write_model_files(tmp, cfg, bundled_tokenizer_path(spec.tokenizer), dtype_name)
         writer = ShardWriter(tmp, "model", max_shard_bytes)
         for name, tensor in random_weights(cfg, spec.seed):

@@ -11,15 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer
 
 from .chat_template import render_chat
+from .errors import UserError
 from .image import ImageTokenIds
 
 IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Missing or inconsistent tokenizer files."""
 
 
@@ -62,7 +64,10 @@ class PixtralTokenizer:
         """The prompt string for a conversation, with one `[IMG]` per image."""
         if not self.chat_template:
             raise TokenizerError("the model directory has no chat template (chat_template.json)")
-        return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs)
+        try:
+            return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs)
+        except TemplateError as err:
+            raise TokenizerError(f"chat template: {err}") from err
 
     def expand_images(self, prompt: str, grids: list[tuple[int, int]]) -> str:
         """Replace the n-th `[IMG]` placeholder by the token string of image n's (rows, cols) grid."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PixtralConfig, VisionConfig
+from .image import ImageError
 from .text import MLP, RMSNorm, apply_rope
 
 VISION_NORM_EPS = 1e-5  # fixed in Pixtral, independent of the text config
@@ -97,7 +98,7 @@ class VisionTower(nn.Module):
             grid = self.patch_conv(image.to(dtype)[None])[0]  # [hidden, rows, cols]
             rows, cols = grid.shape[-2:]
             if max(rows, cols) > self.cfg.max_patches_per_side:
-                raise ValueError(f"image grid {rows}x{cols} exceeds {self.cfg.max_patches_per_side} patches per side")
+                raise ImageError(f"image grid {rows}x{cols} exceeds {self.cfg.max_patches_per_side} patches per side")
             patches.append(grid.flatten(1).T)  # [rows*cols, hidden], row-major
             grids.append((rows, cols))
         x = self.ln_pre(torch.cat(patches, dim=0))

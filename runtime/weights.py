@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
+from .outputs import follow_umask
+
 INDEX_NAME = "model.safetensors.index.json"
 
 # newer transformers in-memory/on-disk prefixes -> the legacy names used throughout this project
@@ -40,7 +43,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A checkpoint that is missing files or tensors, or holds tensors of the wrong shape or type."""
 
 
@@ -200,6 +203,7 @@ class ShardWriter:
 
         path = self.out_dir / f".{self.stem}-part{len(self._written):05d}.safetensors"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        follow_umask(path)
         self._written.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -88,7 +88,7 @@ def test_existing_output_directory(tiny_model: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "flags,message",
     [(["--bpw", "1.5"], "outside what EXL2 reaches"), (["--bpw", "9"], "outside what EXL2 reaches"),
-     (["--head-bits", "7"], "head-bits must be one of"), (["--bpw", "four"], "expected numbers"),
+     (["--head-bits", "7"], "--head-bits: expected one of"), (["--bpw", "four"], "expected numbers"),
      (["--recipe", "nope"], "recipe 'nope' not found")],
 )  # fmt: skip
 def test_impossible_settings(tiny_model: Path, tmp_path: Path, flags: list[str], message: str) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_fixed
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import quantize_fixed
 from quantize.checkpoint import EXL2Checkpoint
 from quantize.exl2_format import FormatError
 from runtime.cli import app

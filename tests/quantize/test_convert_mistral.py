@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PARAMS, native_weights, write_native
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -21,68 +22,9 @@ from quantize.convert_mistral import ConversionError, convert, permute_for_rope,
 from runtime.cli import app
 from runtime.config import load_config
 from runtime.image import encode_image
-from runtime.model_files import bundled_tokenizer_path
 from runtime.tokenizer import PixtralTokenizer
 
 transformers = pytest.importorskip("transformers")
-
-PARAMS = {
-    "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-    "rope_theta": 1e9, "norm_eps": 1e-5, "vocab_size": 32768,
-    "vision_encoder": {"hidden_size": 32, "num_channels": 3, "image_size": 1024, "patch_size": 16, "rope_theta": 10000.0,
-                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_token_id": 10,
-                       "adapter_bias": False},
-}  # fmt: skip
-
-
-def native_weights(params: dict, bias: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under Mistral's own names and conventions."""
-    gen = torch.Generator().manual_seed(seed)
-    d, hd, v = params["dim"], params["head_dim"], params["vision_encoder"]
-    vd = v["hidden_size"]
-
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
-
-    def gain(n: int) -> torch.Tensor:
-        return 1 + 0.2 * torch.randn(n, generator=gen)
-
-    out = {"tok_embeddings.weight": torch.randn(params["vocab_size"], d, generator=gen), "norm.weight": gain(d),
-           "output.weight": w(params["vocab_size"], d), "vision_encoder.patch_conv.weight": w(vd, 3, 16, 16) / 16,
-           "vision_encoder.ln_pre.weight": gain(vd), "vision_language_adapter.w_in.weight": w(d, vd),
-           "vision_language_adapter.w_out.weight": w(d, d)}  # fmt: skip
-    if bias:
-        out["vision_language_adapter.w_in.bias"] = 0.1 * torch.randn(d, generator=gen)
-        out["vision_language_adapter.w_out.bias"] = 0.1 * torch.randn(d, generator=gen)
-    for i in range(params["n_layers"]):
-        p = f"layers.{i}."
-        out |= {p + "attention_norm.weight": gain(d), p + "ffn_norm.weight": gain(d),
-                p + "attention.wq.weight": w(params["n_heads"] * hd, d), p + "attention.wk.weight": w(params["n_kv_heads"] * hd, d),
-                p + "attention.wv.weight": w(params["n_kv_heads"] * hd, d), p + "attention.wo.weight": w(d, params["n_heads"] * hd),
-                p + "feed_forward.w1.weight": w(params["hidden_dim"], d), p + "feed_forward.w3.weight": w(params["hidden_dim"], d),
-                p + "feed_forward.w2.weight": w(d, params["hidden_dim"])}  # fmt: skip
-    for i in range(v["num_hidden_layers"]):
-        p = f"vision_encoder.transformer.layers.{i}."
-        out |= {p + "attention_norm.weight": gain(vd), p + "ffn_norm.weight": gain(vd),
-                **{p + f"attention.w{x}.weight": w(vd, vd) for x in "qkvo"},
-                p + "feed_forward.w1.weight": w(v["intermediate_size"], vd), p + "feed_forward.w3.weight": w(v["intermediate_size"], vd),
-                p + "feed_forward.w2.weight": w(vd, v["intermediate_size"])}  # fmt: skip
-    return out
-
-
-def write_native(root: Path, params: dict, tokenizer: str, bias: bool, shards: int = 2) -> Path:
-    root.mkdir(parents=True)
-    params = json.loads(json.dumps(params))
-    params["vision_encoder"]["adapter_bias"] = bias
-    (root / "params.json").write_text(json.dumps(params))
-    tensors = native_weights(params, bias)
-    names = sorted(tensors)
-    for s in range(shards):
-        part = {n: tensors[n].to(torch.bfloat16) for n in names[s::shards]}
-        save_file(part, str(root / f"consolidated-{s + 1:05d}-of-{shards:05d}.safetensors"))
-    shutil.copy(bundled_tokenizer_path(tokenizer), root / ("tekken.json" if tokenizer == "tekken" else "tokenizer.model.v7m1"))
-    return root
-
 
 # --- the native-format oracle ------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import quantize_fixed
+
 from quantize.checkpoint import EXL2Checkpoint
 from runtime.model import load_model
 from runtime.synthetic import SyntheticSpec, write_random_model

@@ -1,0 +1,73 @@
+"""`quantize`: one measurement, every EXL2 tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .common import app, console, fail, human_bytes, progress_display
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise fail(f"--bpw: expected numbers separated by commas (e.g. 2.5,4.0,6.0), got {text!r}") from None
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="HF Llava/Pixtral model directory (fp16/bf16).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output: one complete EXL2 model directory per tier (OUT_DIR/4.0bpw/ …) and measurement.json.")],
+    bpw: Annotated[Optional[str], typer.Option("--bpw", help="Target decoder bpw, comma-separated tiers (e.g. 2.5,3.0,4.0,6.0,8.0).")] = None,
+    recipe: Annotated[str, typer.Option(help="Named tier set and calibration mix (shipped: default, text-only, headline, demo) or a .toml path; flags override it.")] = "default",
+    head_bits: Annotated[Optional[int], typer.Option(help="Bits of the output head: 2, 3, 4, 5, 6 or 8.")] = None,
+    rows: Annotated[Optional[int], typer.Option(help="Calibration rows for the quantization pass (1 to 100000).")] = None,
+    measure_rows: Annotated[Optional[int], typer.Option(help="How many of those rows measure every option (1 to --rows).")] = None,
+    length: Annotated[Optional[int], typer.Option(help="Tokens per calibration row (16 to the model's context).")] = None,
+    image_fraction: Annotated[Optional[float], typer.Option(help="Share of rows that open with image conversations (0 to 1).")] = None,
+    text_only: Annotated[bool, typer.Option("--text-only", help="Calibrate on text alone (same as --image-fraction 0).")] = False,
+    calibration_text: Annotated[Optional[list[Path]], typer.Option(help="Text/jsonl/parquet file or folder (repeatable); default: exllamav2's standard set.")] = None,
+    calibration_images: Annotated[Optional[list[Path]], typer.Option(help="Image folder (metadata.jsonl) or jsonl (repeatable); default: shipped photos + drawn charts/pages.")] = None,
+    measurement: Annotated[Optional[Path], typer.Option(help="Reuse a measurement.json (ours or exllamav2's) and skip measuring.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    shard_size: Annotated[Optional[int], typer.Option(help="Output shard size in MiB (1 to 1048576; default 8192, as exllamav2).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed (≥ 0).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job in OUT_DIR (same settings).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an existing OUT_DIR: replaces its tiers, measurement.json and .work, nothing else.")] = False,
+    keep_work: Annotated[bool, typer.Option("--keep-work", help="Keep OUT_DIR/.work (row states, per-layer tensors) after success.")] = False,
+    save_every: Annotated[Optional[float], typer.Option(help="Seconds between saves of the row states (resume points); default 180.")] = None,
+    skip_weight_check: Annotated[bool, typer.Option("--skip-weight-check", help="Do not scan every weight for NaN/inf first.")] = False,
+) -> None:
+    """Measure once, then write one EXL2 checkpoint per target bpw: decoder quantized (GPTQ, bits
+    allocated per layer), vision tower and projector copied bit-identical. Resumable."""
+    from quantize.pipeline import run_quantize
+    from recipes import quantize_config
+
+    flags = {
+        "tiers": _floats(bpw), "head_bits": head_bits, "measurement": measurement, "device": device,
+        "shard_mb": shard_size, "resume": resume, "force": force, "keep_work": keep_work, "checkpoint_seconds": save_every,
+        "check_weights": not skip_weight_check,
+        "calibration": {"rows": rows, "measure_rows": measure_rows, "length": length, "seed": seed,
+                        "image_fraction": 0.0 if text_only else image_fraction,
+                        "text_sources": calibration_text or None, "image_sources": calibration_images or None},
+    }  # fmt: skip
+    config = quantize_config(recipe, model_dir, out_dir, flags)
+    try:
+        with progress_display() as on_progress:
+            results = run_quantize(config, on_progress)
+    except KeyboardInterrupt:
+        kept = config.work_dir.exists()
+        hint = f"continue with the same command plus --resume (state kept in {config.work_dir})" if kept else "nothing was written"
+        raise fail(f"interrupted; {hint}", 130) from None
+    table = Table(title=f"EXL2 tiers in {out_dir}")
+    for column in ("tier", "decoder bpw", "head bpw", "size", "calibration KL vs fp16"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for r in results:
+        table.add_row(r.name, f"{r.bpw:.4f}", f"{r.head_bpw:.2f}", human_bytes(r.size_bytes), f"{r.calibration_kl:.5f}")
+    console.print(table)
