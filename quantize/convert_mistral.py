@@ -23,11 +23,10 @@ from safetensors import safe_open
 
 from runtime.config import PixtralConfig, TextConfig, VisionConfig
 from runtime.errors import UserError
+from runtime.exl2_checkpoint import natural_key
 from runtime.model_files import write_model_files
 from runtime.outputs import atomic_directory
 from runtime.weights import ShardWriter, read_safetensors_header
-
-from .checkpoint import natural_key
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model")

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from runtime.config import TextConfig
 from runtime.device import resolve_device
+from runtime.exl2_format import GroupPlan, pad_columns, storage_bits
 from runtime.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
 
-from .exl2_format import GroupPlan, pad_columns, storage_bits
 from .gptq import DAMP, gptq_quantize, pack_exl2, prepare_hessian
 from .hessian import collect_hessians
 from .options import Candidate, anchor_candidates

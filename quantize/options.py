@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 
 from runtime.errors import OptionError
-
-from .exl2_format import GroupPlan
+from runtime.exl2_format import GroupPlan
 
 WIDTH_PAIRS = ((3, 2), (4, 3), (5, 4), (6, 5), (8, 6))  # (hi, lo), every adjacent pair of EXL2 widths
 ANCHOR_FRACTIONS = (0.0, 0.1, 0.3, 0.6)  # measured shares of hi rows; 1.0 is the next pair's 0.0

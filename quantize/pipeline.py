@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from calibration.rows import build_rows
 from runtime.config import PixtralConfig
+from runtime.exl2_format import GroupPlan, bits_per_weight
 from runtime.model import PixtralModel, insert_image_features, load_layer, load_module
 from runtime.outputs import atomic_write_bytes, atomic_write_json
 from runtime.text import RMSNorm, layer_prefix
@@ -33,10 +34,19 @@ from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint
 
 from .checkpoint import EXLLAMAV2_VERSION, write_exl2_checkpoint
-from .exl2_format import GroupPlan, bits_per_weight
 from .gptq import gptq_quantize, pack_exl2, prepare_hessian
 from .hessian import HessianAccumulator
-from .job import MEASUREMENT_FILE, STAGES, JobState, QuantizeConfig, Stage, describe_mismatch, load_state, save_state, tier_name
+from .job import (
+    MEASUREMENT_FILE,
+    STAGES,
+    JobState,
+    QuantizeConfig,
+    Stage,
+    describe_mismatch,
+    load_state,
+    save_state,
+    tier_name,
+)
 from .layerwise import BLOCKS, BlockRunner, Compute, block_specs, measure_block, quantize_block
 from .options import anchor_candidates, head_plan
 from .preflight import check_model, check_plan, linear_shapes

@@ -11,12 +11,12 @@ import torch
 from runtime.config import PixtralConfig, load_config
 from runtime.device import resolve_device
 from runtime.errors import OptionError, check_range
+from runtime.exl2_format import pad_columns
 from runtime.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable, read_marker
 from runtime.text import DECODER_LINEARS, layer_prefix
 from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint, WeightsError
 
-from .exl2_format import pad_columns
 from .job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
 from .options import HEAD_OPTIONS
 from .strategy import MeasurementError, load_measurement, measurement_from_json, minimum_bpw

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import EXL2Checkpoint
-from .exl2_format import FormatError
+from runtime.exl2_checkpoint import EXL2Checkpoint
+from runtime.exl2_format import FormatError
 
 FP16_GROUPS = (
     ("vision tower", "vision_tower."),

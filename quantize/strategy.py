@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
+from runtime.exl2_format import GroupPlan, storage_bits
 
 from .allocate import Option, allocate
-from .exl2_format import GroupPlan, storage_bits
 from .layerwise import AnchorResult
 from .options import Candidate, all_candidates
 

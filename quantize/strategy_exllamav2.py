@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.exl2_format import GroupPlan, storage_bits
+
 from .allocate import Option, allocate
-from .exl2_format import GroupPlan, storage_bits
 from .strategy import MeasurementError, TierPlan, finish_tier
 
 

@@ -25,9 +25,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _TEMPLATE = r"""
 {%- set SP = SPACE_BEFORE_TEXT %}
-{%- set ns = namespace(last_user=-1, systems=[]) %}
+{%- set ns = namespace(last_user=-1, first_user=-1, systems=[]) %}
 {%- for message in messages %}
-    {%- if message.role == "user" %}{% set ns.last_user = loop.index0 %}{% endif %}
+    {%- if message.role == "user" %}{% set ns.last_user = loop.index0 %}{% if ns.first_user < 0 %}{% set ns.first_user = loop.index0 %}{% endif %}{% endif %}
     {%- if message.role == "system" %}{% set ns.systems = ns.systems + [message.content if message.content is string else (message.content | selectattr("type", "equalto", "text") | map(attribute="text") | join("\n\n"))] %}{% endif %}
     {%- if message.role not in ["system", "user", "assistant", "tool"] %}{{ raise_exception("unsupported message role: " ~ message.role) }}{% endif %}
 {%- endfor %}
@@ -75,7 +75,17 @@ _TEMPLATE = r"""
         {%- set lead = (ns.systems | join("\n\n")) ~ "\n\n" if MERGE_SYSTEM and ns.systems and loop.index0 == ns.last_user else "" %}
         {{- "[INST]" ~ render_content(message.content, lead) ~ "[/INST]" }}
     {%- elif message.role == "assistant" %}
-        {%- if message.content is string %}
+        {#- consecutive plain assistant turns are one turn, joined by a blank line (as mistral-common) #}
+        {%- set plain = not message.tool_calls and message.content is string %}
+        {%- set prev = messages[loop.index0 - 1] if loop.index0 > 0 else {} %}
+        {%- set next = messages[loop.index0 + 1] if not loop.last else {} %}
+        {%- set joins_previous = plain and prev.role == "assistant" and not prev.tool_calls and prev.content is string %}
+        {%- set joins_next = plain and next.role == "assistant" and not next.tool_calls and next.content is string %}
+        {#- V3 opens a conversation that starts with the assistant with an empty user turn #}
+        {%- if MERGE_SYSTEM and not joins_previous and (ns.first_user < 0 or loop.index0 < ns.first_user) %}[INST][/INST]{% endif %}
+        {%- if joins_previous %}
+            {{- "\n\n" ~ message.content.rstrip(" ") }}
+        {%- elif message.content is string %}
             {%- if message.content.rstrip(" ") %}{{ SP ~ message.content.rstrip(" ") }}{% endif %}
         {%- elif message.content %}
             {{- render_content(message.content, "") }}
@@ -85,7 +95,7 @@ _TEMPLATE = r"""
             {%- for call in message.tool_calls %}{{ tool_call_json(call) }}{% if not loop.last %}, {% endif %}{% endfor %}
             {{- "]" }}
         {%- endif %}
-        {%- if not (loop.last and continue_final_message) %}{{ eos_token }}{% endif %}
+        {%- if not joins_next and not (loop.last and continue_final_message) %}{{ eos_token }}{% endif %}
     {%- elif message.role == "tool" %}
         {%- set call_id = message.tool_call_id if message.tool_call_id is defined and message.tool_call_id else "" %}
         {%- if TOOL_RESULT_JSON %}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize.checkpoint import EXL2Checkpoint
+from runtime.exl2_checkpoint import EXL2Checkpoint
 
 from .model import LinearLoader
 

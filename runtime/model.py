@@ -30,8 +30,14 @@ class PixtralModel(nn.Module):
         self.multi_modal_projector = Projector(cfg)
         self.language_model = LanguageModel(cfg.text)
 
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_tower is not None
+
     def image_features(self, images: list[Tensor]) -> Tensor:
         """[3, H, W] pixel arrays -> projected features [sum of patches, text hidden]."""
+        if self.vision_tower is None:
+            raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
         return self.multi_modal_projector(self.vision_tower(images))
 
     def embed(self, input_ids: Tensor, images: list[Tensor] | None = None) -> Tensor:
@@ -77,8 +83,9 @@ def load_model(
     device: str | torch.device = "cpu",
     linear_loader: LinearLoader | None = None,
 ) -> PixtralModel:
-    """Build and load the whole model, fp16/bf16 or EXL2 (dequantized). For a checkpoint too large
-    for memory, use `load_layer`.
+    """Build and load the whole model, fp16/bf16 or EXL2 (dequantized); without vision tensors in
+    the checkpoint, the model is text-only (`has_vision` False). For a checkpoint too large for
+    memory, use `load_layer`.
 
     `linear_loader` supplies quantized linears; by default an EXL2 directory is detected by its
     `.q_weight` tensors and read with runtime.exl2_linear.
@@ -91,8 +98,11 @@ def load_model(
             from .exl2_linear import EXL2LinearLoader
 
             linear_loader = EXL2LinearLoader(model_dir)
-        load_module(model.vision_tower, ckpt, "vision_tower.", dtype, device)
-        load_module(model.multi_modal_projector, ckpt, "multi_modal_projector.", dtype, device)
+        if "vision_tower.patch_conv.weight" in ckpt:
+            load_module(model.vision_tower, ckpt, "vision_tower.", dtype, device)
+            load_module(model.multi_modal_projector, ckpt, "multi_modal_projector.", dtype, device)
+        else:  # EXL2 files from exllamav2 before 2024-11 dropped the vision tensors: text only
+            model.vision_tower, model.multi_modal_projector = None, None
         lm = model.language_model
         load_module(lm.model.embed_tokens, ckpt, "language_model.model.embed_tokens.", dtype, device)
         load_module(lm.model.norm, ckpt, "language_model.model.norm.", dtype, device)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig
+from .kv_cache import KVCache, LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -56,15 +57,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        B, T, _ = x.shape  # x: [B, T, hidden]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, start: int = 0) -> Tensor:
+        """x [B, T, hidden] at positions start..start+T; with `cache`, attends to its first `start` tokens too."""
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # [B, Hkv, start+T, D]
         groups = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        if start == 0 or T == 1:  # a fresh square causal block, or one new token that sees everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, D]
+        else:  # new tokens after a cached prefix: token i sees keys 0..start+i
+            mask = torch.arange(start + T, device=x.device)[None, :] <= torch.arange(start, start + T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -87,14 +95,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def attention_block(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def attention_block(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, start: int = 0) -> Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
 
     def mlp_block(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return self.mlp_block(self.attention_block(x, cos, sin))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, start: int = 0) -> Tensor:
+        return self.mlp_block(self.attention_block(x, cos, sin, cache, start))
 
 
 class Decoder(nn.Module):
@@ -116,14 +124,20 @@ class LanguageModel(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, inputs_embeds: Tensor, start_pos: int = 0) -> Tensor:
-        """inputs_embeds: [B, T, hidden] -> logits [B, T, vocab]."""
+    def forward(self, inputs_embeds: Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """inputs_embeds [B, T, hidden] at positions start_pos.. -> logits [B, T, vocab] ([B, 1, vocab]
+        with `last_only`). With `cache`, the first `start_pos` positions come from it and the new ones
+        are appended to it."""
         T = inputs_embeds.shape[1]
         positions = torch.arange(start_pos, start_pos + T, device=inputs_embeds.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache.layers[index] if cache is not None else None, start_pos)
+        if cache is not None:
+            cache.length = start_pos + T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
 
@@ -163,7 +177,6 @@ DECODER_LINEARS: tuple[LinearSpec, ...] = (
     LinearSpec("mlp.down_proj", "mlp", "mlp_down"),
 )
 
-LM_PREFIX = "language_model."
 LAYER_PREFIX = "language_model.model.layers."
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2.exceptions import TemplateError
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 from .chat_template import render_chat
 from .errors import UserError
@@ -42,6 +42,10 @@ class PixtralTokenizer:
         self.bos_id = self._require(self.bos_token)
         self.eos_id = self._require(self.eos_token)
         self.image_ids = ImageTokenIds(self._require(IMG), self._require(IMG_BREAK), self._require(IMG_END))
+        # SentencePiece adds its dummy-prefix "▁" to every text; HF's Metaspace ("first") skips it when
+        # the text already starts with a space, so " x" would lose one "▁" (mistral-common: "▁▁x")
+        pre = self.tokenizer.pre_tokenizer
+        self._space_prefix = isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first"
 
     def _require(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -54,7 +58,9 @@ class PixtralTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in it become special ids."""
+        """Token ids of `text` (as mistral-common encodes it); special-token strings become special ids."""
+        if self._space_prefix and text.startswith((" ", "▁")):
+            text = " " + text
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

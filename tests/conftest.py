@@ -111,31 +111,12 @@ def device(request: pytest.FixtureRequest) -> str:
 def quantize_fixed(source: Path, out: Path, bits: int = 4, head_bits: int = 6, seed: int = 0, **write_kwargs) -> dict:
     """An EXL2 checkpoint with one uniform width per layer (GPTQ on a random SPD Hessian): format
     scaffolding for the format tests, independent of the quantizer pipeline."""
-    from quantize.checkpoint import write_exl2_checkpoint
-    from quantize.exl2_format import GroupPlan
-    from quantize.gptq import gptq_quantize, pack_exl2, prepare_hessian
-    from runtime.config import load_config
-    from runtime.text import DECODER_LINEARS, layer_prefix
-    from runtime.weights import Checkpoint
+    from quantize.uniform import write_uniform_tier
 
-    cfg = load_config(source)
-    prefixes = [layer_prefix(i) + spec.name for i in range(cfg.text.num_hidden_layers) for spec in DECODER_LINEARS]
-    prefixes.append("language_model.lm_head")
     gen = torch.Generator().manual_seed(seed)
-    results = {}
 
-    def load(prefix: str) -> dict:
-        with Checkpoint(source) as ckpt:
-            W = ckpt.get(prefix + ".weight").float()
-        K = W.shape[1]
+    def hessian(prefix: str, K: int) -> torch.Tensor:
         X = torch.randn(4 * K, K, generator=gen) * torch.linspace(0.2, 2.0, K)
-        width = head_bits if prefix.endswith("lm_head") else bits
-        plan = GroupPlan(((width, 32),) * (K // 32))
-        result = gptq_quantize(W, prepare_hessian(X.T @ X), plan)
-        results[prefix] = result
-        return pack_exl2(result, plan)
+        return X.T @ X
 
-    config = {"quant_method": "exl2", "version": "0.3.2", "bits": float(bits), "head_bits": head_bits,
-              "calibration": {"rows": 0, "length": 0, "dataset": "(test)"}}  # fmt: skip
-    write_exl2_checkpoint(out, source, prefixes, load, config, **write_kwargs)
-    return results
+    return write_uniform_tier(source, out, bits, head_bits, hessian=hessian, **write_kwargs)

@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import PARAMS, write_native
 from typer.testing import CliRunner
 
-from conftest import PARAMS, write_native
 from runtime.cli import app
 from runtime.outputs import MARKER
 

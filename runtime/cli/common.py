@@ -38,7 +38,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _user_message(err: BaseException) -> str:
+def user_message(err: BaseException) -> str:
+    """The one line a user sees for an expected failure."""
     if isinstance(err, OSError) and not isinstance(err, UserError):
         return describe_os_error(err)
     return str(err)
@@ -67,7 +68,7 @@ class GuardedGroup(TyperGroup):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(141) from None
         except USER_ERRORS as err:
-            raise fail(_user_message(err)) from None
+            raise fail(user_message(err)) from None
         except Exception as err:  # a bug: keep the details, show a short line
             path = save_traceback(err)
             raise fail(f"internal error ({type(err).__name__}: {err}); traceback saved to {path}; please report it", 1) from None
@@ -111,7 +112,14 @@ def progress_display() -> Iterator[Callable[[Any], None]]:
 
 @contextmanager
 def _rich_bars() -> Iterator[Callable[[Any], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())  # fmt: skip

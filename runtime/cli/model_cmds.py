@@ -101,7 +101,8 @@ def convert(
     """Convert Mistral's own Pixtral release into the HF Llava layout the quantizer and runtime read:
     renamed and q/k-permuted weights (streamed shard by shard), config, tokenizer, extended chat
     template, processor configs."""
-    from quantize.convert_mistral import DTYPES, convert as convert_checkpoint
+    from quantize.convert_mistral import DTYPES
+    from quantize.convert_mistral import convert as convert_checkpoint
     from quantize.pipeline import Progress
 
     if dtype is not None and dtype not in DTYPES:

@@ -12,9 +12,9 @@ from conftest import quantize_fixed
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from quantize.checkpoint import EXL2Checkpoint
-from quantize.exl2_format import FormatError
 from runtime.cli import app
+from runtime.exl2_checkpoint import EXL2Checkpoint
+from runtime.exl2_format import FormatError
 from runtime.model import load_model
 from runtime.weights import Checkpoint, WeightsError
 
@@ -160,9 +160,9 @@ def test_reads_exllamav2_style_output_with_stale_index(exl2_pair, tmp_path: Path
 
 
 def test_bias_is_packed_padded_fp16() -> None:
-    from quantize.checkpoint import validate_layer
     from quantize.gptq import pack_exl2, rtn_quantize
     from quantize.options import make_plan
+    from runtime.exl2_checkpoint import validate_layer
 
     plan = make_plan(64, 4, 4, 64)
     tensors = pack_exl2(rtn_quantize(torch.randn(40, 64), plan), plan, bias=torch.arange(40.0))

@@ -11,19 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quantize.exl2_format import (
+from quantize.exl2_pack import build_q_groups, pack_codes, pack_q_weight, pack_scales, perm_to_q_invperm
+from runtime.exl2_format import (
     EXL2_BITS,
     FormatError,
     GroupPlan,
     bits_per_weight,
-    build_q_groups,
     dequantize,
     effective_scales,
-    pack_codes,
-    pack_q_weight,
-    pack_scales,
     parse_q_groups,
-    perm_to_q_invperm,
     q_invperm_to_perm,
     storage_bits,
     unpack_codes,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import quantize_fixed
 
-from quantize.checkpoint import EXL2Checkpoint
+from runtime.exl2_checkpoint import EXL2Checkpoint
 from runtime.model import load_model
 from runtime.synthetic import SyntheticSpec, write_random_model
 

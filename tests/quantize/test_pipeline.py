@@ -15,10 +15,10 @@ from PIL import Image
 
 from calibration.render import bar_chart, table
 from calibration.rows import CalibrationSpec
-from quantize.checkpoint import EXL2Checkpoint
 from quantize.gptq import rtn_quantize
 from quantize.job import QuantizeConfig
 from quantize.pipeline import run_quantize
+from runtime.exl2_checkpoint import EXL2Checkpoint
 from runtime.image import encode_image
 from runtime.model import load_model
 from runtime.synthetic import SyntheticSpec, write_random_model

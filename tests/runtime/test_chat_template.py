@@ -66,6 +66,10 @@ ACCEPTED: dict[str, tuple[list[dict], list | None]] = {
     "tools_system_image": ([system("SYS"), user(WIDE, "Weather there?")], TOOLS),
     "spaces_and_unicode": ([user("  spaced  "), assistant("  ans  "), user("Ça va? 日本語 😀\nline2\n\nline3")], None),
     "empty_user": ([user("")], None),
+    "assistant_first": ([assistant("Hello"), user("Hi")], None),
+    "system_then_assistant_first": ([system("S"), assistant("Hello"), user("Hi")], None),
+    "two_assistant_turns": ([user("Hi"), assistant("A"), assistant("B"), user("Q")], None),
+    "three_assistant_turns_with_images": ([user(WIDE, "Hi"), assistant("A"), assistant("B"), assistant("C"), user("Q", TALL)], None),
 }
 SPM_ONLY = {"content_and_tool_call": ([user("Weather?"), assistant("Let me check.", [CALL]), tool("sunny")], TOOLS)}
 

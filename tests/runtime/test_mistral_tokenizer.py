@@ -58,3 +58,17 @@ def test_decode_round_trips(kind: str) -> None:
     for text in ["Hello  world\n x", "naïve café 中文", "a\tb"]:
         ids = tok.encode(text if kind == "tekken" else text, add_special_tokens=False).ids
         assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_spm_model"])
+def test_plain_encoding_matches_mistral_common(model_fixture: str, request: pytest.FixtureRequest) -> None:
+    """What the token routes and the engine encode: plain text, no special token before it."""
+    from runtime.tokenizer import PixtralTokenizer
+
+    model_dir = request.getfixturevalue(model_fixture)
+    ours = PixtralTokenizer(model_dir)
+    kind = "tekken" if ours.vocab_size == 131072 else "spm"
+    theirs = mistral.MistralTokenizer.from_file(str(bundled_tokenizer_path(kind))).instruct_tokenizer.tokenizer
+    assert ours.encode(" leading space") == theirs.encode(" leading space", bos=False, eos=False)
+    mismatches = [s for s in _strings(500, seed=7) if ours.encode(s) != theirs.encode(s, bos=False, eos=False)]
+    assert mismatches == []

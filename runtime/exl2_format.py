@@ -1,10 +1,11 @@
-"""The EXL2 storage format of one linear layer, as small pure functions (tensor in, tensor out).
+"""The EXL2 storage format of one linear layer: the read side, as small pure functions.
 
 Spec: ../shared/spec/exl2-format.md §1–§3. Orientation: EXL2 stores `W = weight.T` of shape [K, N]
 ("rows" are input features, in act-order storage order; "columns" are outputs, padded to N' = 32k).
 Groups are contiguous runs of storage rows in non-increasing bit width (8, 6, 5, 4, 3, 2: the kernel
 walks fixed sections in that order). Each column of a group is one little-endian bitstream of
-R·b bits cut into uint32 words; the zero point is the implicit 2^(b-1).
+R·b bits cut into uint32 words; the zero point is the implicit 2^(b-1). The writer's half (packing)
+is quantize/exl2_pack.py; everything a reader needs (unpacking, exact dequantization, bpw) is here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.errors import UserError
+from .errors import UserError
 
 EXL2_BITS = (8, 6, 5, 4, 3, 2)  # the only widths, in the order the kernel expects them
 SCALE_BITS = 4
@@ -90,37 +91,16 @@ class GroupPlan:
         return " ".join(f"{b}b:{n}×{r}" for b, r, n in runs)
 
 
-def _block(bits: int) -> tuple[int, int]:
+def word_block(bits: int) -> tuple[int, int]:
     """(codes, words) of the smallest run of codes that fills whole uint32 words."""
     codes = 32 // math.gcd(bits, 32)
     return codes, codes * bits // 32
 
 
-def _to_int32(words: Tensor) -> Tensor:
-    """uint32 values held in int64 -> the same bits as int32."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Codes [R, N] in [0, 2^bits) -> int32 words [R·bits/32, N]; code r at stream bit r·bits."""
-    R, N = codes.shape
-    per_block, words_per_block = _block(bits)
-    if R % per_block:
-        raise FormatError(f"{R} rows of {bits}-bit codes do not fill whole words")
-    blocks = codes.to(torch.int64).reshape(R // per_block, per_block, N)
-    words = torch.zeros(R // per_block, words_per_block, N, dtype=torch.int64)
-    for r in range(per_block):
-        word, shift = divmod(r * bits, 32)
-        words[:, word] |= (blocks[:, r] << shift) & 0xFFFFFFFF
-        if shift + bits > 32:  # the code straddles two words
-            words[:, word + 1] |= blocks[:, r] >> (32 - shift)
-    return _to_int32(words.reshape(-1, N))
-
-
 def unpack_codes(words: Tensor, bits: int) -> Tensor:
     """int32 words [Q, N] -> codes [Q·32/bits, N] (int64)."""
     Q, N = words.shape
-    per_block, words_per_block = _block(bits)
+    per_block, words_per_block = word_block(bits)
     stream = (words.to(torch.int64) & 0xFFFFFFFF).reshape(Q // words_per_block, words_per_block, N)
     mask = (1 << bits) - 1
     codes = torch.empty(Q // words_per_block, per_block, N, dtype=torch.int64)
@@ -133,17 +113,6 @@ def unpack_codes(words: Tensor, bits: int) -> Tensor:
     return codes.reshape(-1, N)
 
 
-def pack_q_weight(codes: Tensor, plan: GroupPlan) -> Tensor:
-    """Codes [K, N'] in storage order -> `q_weight` [Q, N'], group blocks concatenated."""
-    if codes.shape[0] != plan.rows:
-        raise FormatError(f"codes have {codes.shape[0]} rows, plan has {plan.rows}")
-    blocks, start = [], 0
-    for bits, rows in plan.groups:
-        blocks.append(pack_codes(codes[start : start + rows], bits))
-        start += rows
-    return torch.cat(blocks)
-
-
 def unpack_q_weight(q_weight: Tensor, plan: GroupPlan) -> Tensor:
     """`q_weight` [Q, N'] -> codes [K, N'] in storage order."""
     blocks, start = [], 0
@@ -154,32 +123,11 @@ def unpack_q_weight(q_weight: Tensor, plan: GroupPlan) -> Tensor:
     return torch.cat(blocks)
 
 
-def pack_scales(scale_codes: Tensor) -> Tensor:
-    """4-bit scale codes [G, N'] (qscale − 1, in [0, 15]) -> `q_scale` [G, N'/8], column 8w+j in bits 4j."""
-    G, N = scale_codes.shape
-    if N % 8:
-        raise FormatError(f"{N} columns: scales pack 8 to a word")
-    nibbles = scale_codes.to(torch.int64).reshape(G, N // 8, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * SCALE_BITS
-    return _to_int32((nibbles << shifts).sum(dim=-1))
-
-
 def unpack_scales(q_scale: Tensor) -> Tensor:
     """`q_scale` [G, N'/8] -> scale codes [G, N'] in [0, 15]."""
     words = q_scale.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(8, dtype=torch.int64) * SCALE_BITS
     return ((words[..., None] >> shifts) & 0xF).reshape(q_scale.shape[0], -1)
-
-
-def build_q_groups(plan: GroupPlan) -> Tensor:
-    """`q_groups` int16 [2G]: (bits, first packed row) per group."""
-    values, packed_row = [], 0
-    for bits, rows in plan.groups:
-        values += [bits, packed_row]
-        packed_row += rows * bits // 32
-    if packed_row > INT16_MAX:
-        raise FormatError(f"{packed_row} packed rows: offsets are int16 (< 32768)")
-    return torch.tensor(values, dtype=torch.int16)
 
 
 def parse_q_groups(q_groups: Tensor, packed_rows: int, name: str = "q_groups") -> GroupPlan:
@@ -200,11 +148,6 @@ def parse_q_groups(q_groups: Tensor, packed_rows: int, name: str = "q_groups") -
         return GroupPlan(tuple(groups))
     except FormatError as err:
         raise FormatError(f"{name}: {err}") from err
-
-
-def perm_to_q_invperm(perm: Tensor) -> Tensor:
-    """`perm[k]` = original input feature of storage row k -> stored `q_invperm = argsort(perm)`."""
-    return torch.argsort(perm).to(torch.int32)
 
 
 def q_invperm_to_perm(q_invperm: Tensor) -> Tensor:

@@ -1,0 +1,88 @@
+"""The small interface the engine drives: a prompt in, a stream of sampled tokens out.
+
+A backend owns the model, its cache and the sampling loop (exllamav2 samples inside its dynamic
+generator; the reference backend with runtime.sampling). Text, stop strings and usage are the
+engine's, so both backends behave the same to every caller.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..prompt import Prompt
+from ..sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One sampled token, with its log-probability under the model (raw logits) when asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class PrefillStats:
+    """Filled in by the backend once the prompt is in its cache (before the first token)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt positions reused from an earlier request's cache
+    images_encoded: int = 0  # pictures run through the vision tower for this request
+    seconds: float = 0.0
+
+
+@dataclass
+class TokenStream:
+    """An iterator of TokenSteps that can be cancelled (`close()`) at any point."""
+
+    steps: Iterator[TokenStep]
+    stats: PrefillStats = field(default_factory=PrefillStats)
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        return self.steps
+
+    def close(self) -> None:
+        close = getattr(self.steps, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a backend needs to generate: the prompt and when to stop sampling."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    logprobs: int = 0  # top alternatives to report per token (0: only the sampled token's, when `want_logprobs`)
+    want_logprobs: bool = False
+
+
+class Backend(ABC):
+    """A loaded model that generates; `name`, `max_seq_len`, `has_vision` describe it."""
+
+    name: str
+    max_seq_len: int
+    has_vision: bool
+
+    @abstractmethod
+    def stream(self, request: GenerationRequest) -> TokenStream:
+        """Start generating; tokens come as the stream is iterated. Stops after a stop token (which
+        is yielded) or `max_new_tokens`; closing the stream cancels the request."""
+
+    @abstractmethod
+    def logits(self, prompt: Prompt) -> Tensor:
+        """Next-token logits at every prompt position, [T, vocab] float32 on the CPU (for evaluation)."""
+
+    @abstractmethod
+    def memory(self) -> dict[str, int]:
+        """Bytes held: `weights`, `kv_cache` (allocated now), `kv_per_token`."""
+
+    def close(self) -> None:
+        """Release the model (the server's unload)."""
