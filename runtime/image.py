@@ -71,7 +71,9 @@ def open_image(
         raise
     except UnidentifiedImageError as err:
         raise ImageError(f"{label}: not a readable image (unknown format or corrupt data)") from err
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{label}: image has more pixels than the {max_pixels}-pixel limit (a decompression bomb?)") from err
+    except (OSError, ValueError) as err:
         raise ImageError(f"{label}: not a readable image ({err})") from err
     return image
 

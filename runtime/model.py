@@ -7,7 +7,7 @@ Loading is by canonical tensor name (see `weights.py`), with every shape checked
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -82,6 +82,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     linear_loader: LinearLoader | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PixtralModel:
     """Build and load the whole model, fp16/bf16 or EXL2 (dequantized); without vision tensors in
     the checkpoint, the model is text-only (`has_vision` False). For a checkpoint too large for
@@ -108,6 +109,8 @@ def load_model(
         load_module(lm.model.norm, ckpt, "language_model.model.norm.", dtype, device)
         for index in range(cfg.text.num_hidden_layers):
             lm.model.layers[index] = load_layer(ckpt, cfg, index, dtype, device, linear_loader)
+            if progress is not None:
+                progress(index + 1, cfg.text.num_hidden_layers)
         if linear_loader is not None and linear_loader.has("language_model.lm_head"):
             lm.lm_head = linear_loader.load("language_model.lm_head", cfg.text.vocab_size, dtype, device)
         else:

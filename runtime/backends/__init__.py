@@ -60,4 +60,4 @@ def load_backend(model_dir: str | Path, config: BackendConfig = BackendConfig(),
 
     if config.dtype is not None and config.dtype not in DTYPES:
         raise OptionError(f"--dtype: expected one of {', '.join(DTYPES)}, got {config.dtype!r}")
-    return ReferenceBackend(model_dir, config.device, DTYPES.get(config.dtype or ""), config.max_seq_len)
+    return ReferenceBackend(model_dir, config.device, DTYPES.get(config.dtype or ""), config.max_seq_len, progress)

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,10 +45,11 @@ def common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: torch.dtype | None = None, max_seq_len: int | None = None):
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: torch.dtype | None = None, max_seq_len: int | None = None,
+                 progress: Callable[[int, int], None] | None = None):  # fmt: skip
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.float16)
-        self.model = load_model(model_dir, self.dtype, self.device)
+        self.model = load_model(model_dir, self.dtype, self.device, progress=progress)
         self.cfg = self.model.cfg
         context = self.cfg.text.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)

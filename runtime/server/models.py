@@ -1,0 +1,168 @@
+"""The model the server holds: loading and unloading by name (confined to the model directory), the
+generation slots, the generations in flight, and the health they add up to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends import BackendConfig, load_backend
+from ..engine import Engine
+from ..errors import UserError
+from ..tokenizer import PixtralTokenizer
+from .config import ServerConfig
+from .generation import Generation
+from .schemas import Health, ModelLoadRequest
+
+
+class ModelNotFound(UserError):
+    """A model name that is not a model folder directly inside the model directory."""
+
+
+class NoModelLoaded(UserError):
+    """A request that needs a model while none is loaded."""
+
+
+class QueueFull(UserError):
+    """More requests waiting than limits.max_queue."""
+
+
+@dataclass
+class Loaded:
+    name: str
+    path: Path
+    engine: Engine
+    backend_config: BackendConfig
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def slots(self) -> int:
+        """Generations that run at once: exllamav2 batches jobs; the reference backend runs one."""
+        return 1 if self.engine.backend.name == "reference" else 0
+
+
+class ModelHost:
+    """The loaded model and everything that runs on it."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.root = Path(config.model.model_dir).resolve()
+        self.loaded: Loaded | None = None
+        self.generations: set[Generation] = set()
+        self.failures: list[str] = []  # generator errors since the last success (health)
+        self.waiting = 0
+        self.closing = False
+        self._load_lock = asyncio.Lock()
+        self._slots: asyncio.Semaphore | None = None
+
+    # --- names ----------------------------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        """The folder of model `name`: an entry of the model directory (a symlink placed there by the
+        server's owner is followed); a name can never reach a path outside it."""
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0:") or name != name.strip():
+            raise ModelNotFound(f"model name {name!r}: expected the name of a folder directly inside the model directory")
+        path = self.root / name
+        if path.parent != self.root or not (path / "config.json").is_file():
+            raise ModelNotFound(f"model {name!r} not found in the model directory")
+        return path
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+
+    def require(self, name: str | None) -> Loaded:
+        """The loaded model, checking a request's `model` field against it."""
+        loaded = self.loaded
+        if loaded is None:
+            raise NoModelLoaded("no model is loaded; load one with POST /v1/model/load")
+        if name and name != loaded.name:
+            if name in self.names():
+                raise UserError(f"model {name!r} is not loaded (the loaded model is {loaded.name!r}); load it with POST /v1/model/load")
+            raise ModelNotFound(f"model {name!r} not found (the loaded model is {loaded.name!r})")
+        return loaded
+
+    # --- load / unload --------------------------------------------------------------------------
+
+    def backend_config(self, request: ModelLoadRequest | None) -> BackendConfig:
+        m = self.config.model
+        r = request or ModelLoadRequest(model_name="-")
+        split_auto = m.gpu_split_auto if r.gpu_split_auto is None else r.gpu_split_auto
+        split = r.gpu_split if r.gpu_split is not None else m.gpu_split
+        return BackendConfig(backend=r.backend or m.backend, device=m.device, dtype=m.dtype, max_seq_len=r.max_seq_len or m.max_seq_len,
+                             cache_mode=(r.cache_mode or m.cache_mode).upper(), gpu_split=None if split_auto or not split else tuple(split),
+                             max_batch_size=self.config.limits.max_concurrent_requests)  # fmt: skip
+
+    async def load(self, name: str, request: ModelLoadRequest | None = None, progress: Callable[[int, int], None] | None = None) -> Loaded:
+        path = self.path_of(name)
+        config = self.backend_config(request)
+        async with self._load_lock:
+            await self._unload()
+            backend = await asyncio.to_thread(load_backend, path, config, progress)
+            tokenizer = await asyncio.to_thread(PixtralTokenizer, path)
+            self.loaded = Loaded(name, path, Engine(backend, tokenizer), config)
+            slots = self.loaded.slots or self.config.limits.max_concurrent_requests
+            self._slots = asyncio.Semaphore(slots)
+            self.failures.clear()
+            return self.loaded
+
+    async def unload(self) -> None:
+        async with self._load_lock:
+            await self._unload()
+
+    async def _unload(self) -> None:
+        loaded, self.loaded = self.loaded, None
+        for generation in list(self.generations):
+            generation.cancel("the model was unloaded while this request was generating")
+        if loaded is not None:
+            deadline = time.monotonic() + self.config.limits.shutdown_grace_seconds
+            while self.generations and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(loaded.engine.backend.close)
+
+    async def drain(self, grace: float) -> None:
+        """Shutting down: refuse new generations, let running ones finish for up to `grace` seconds,
+        then cancel the rest (their clients get an error event and `[DONE]`, not a cut connection)."""
+        self.closing = True
+        deadline = time.monotonic() + grace
+        while self.generations and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for generation in list(self.generations):
+            generation.cancel("the server is shutting down")
+        while self.generations and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+
+    # --- slots ----------------------------------------------------------------------------------
+
+    async def acquire_slot(self) -> asyncio.Semaphore:
+        """Wait for a generation slot (FIFO); refuse when the queue is full."""
+        slots = self._slots
+        if self.closing:
+            raise NoModelLoaded("the server is shutting down")
+        if slots is None:
+            raise NoModelLoaded("no model is loaded; load one with POST /v1/model/load")
+        if slots.locked() and self.waiting >= self.config.limits.max_queue:
+            raise QueueFull(f"{self.waiting} requests are already waiting (limits.max_queue); try again later")
+        self.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self.waiting -= 1
+        return slots
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        issues = list(self.failures[-3:])
+        now = time.monotonic()
+        stalled = [g for g in self.generations if now - g.last_progress > self.config.limits.stall_seconds]
+        if stalled:
+            issues.append(f"{len(stalled)} generation(s) made no progress for over {self.config.limits.stall_seconds:g} s")
+        worker = getattr(self.loaded.engine.backend, "_worker", None) if self.loaded else None
+        if worker is not None and not worker.is_alive():
+            issues.append("the generator thread has stopped")
+        return Health(status="unhealthy" if issues else "healthy", issues=issues, model_loaded=self.loaded is not None)
