@@ -36,14 +36,14 @@ def cpu_bench(tokens: int, repeats: int) -> dict:
     import transformers
 
     from runtime.backends.reference import ReferenceBackend
+    from runtime.demo.model import write_demo_model
     from runtime.engine import Engine, GenerationParams
     from runtime.sampling import SamplingParams
-    from runtime.synthetic import demo_spec, write_random_model
     from runtime.tokenizer import PixtralTokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_random_model(Path(tmp) / "demo", demo_spec())
+        model_dir = write_demo_model(Path(tmp) / "demo")
         tokenizer = PixtralTokenizer(model_dir)
         engine = Engine(ReferenceBackend(model_dir, "cpu", torch.float32), tokenizer)
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()

@@ -28,6 +28,9 @@ python3 -m pytest -m gpu -v -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 
 log "gpu tests: $(tail -n 1 "$OUT/gpu_tests.txt")"
 
 python3 bench/decode.py --gpu --json "$OUT/decode_gpu.json" > "$OUT/decode_gpu.txt" 2>&1 && log "decode bench: $(grep ratio "$OUT/decode_gpu.txt")" || log "decode bench FAILED (see decode_gpu.txt)"
+python3 bench/quantize.py --gptq --device cuda > "$OUT/gptq_core_gpu.txt" 2>&1 && log "GPTQ core: $(grep -c faster "$OUT/gptq_core_gpu.txt") shapes timed" || log "GPTQ core bench FAILED"
+python3 bench/serve_load.py --backend exllamav2 --compare-serial --seconds 30 --json "$OUT/serve_load_gpu.json" > "$OUT/serve_load_gpu.txt" 2>&1 \
+  && log "serve load: $(grep batched_over_serial "$OUT/serve_load_gpu.txt")" || log "serve load bench FAILED (see serve_load_gpu.txt)"
 for bench in bench/gpu_*.py; do
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)

@@ -121,9 +121,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from runtime.synthetic import demo_spec, write_random_model
+            from runtime.demo.model import write_demo_model
 
-            model = write_random_model(Path(tmp) / "demo", demo_spec())
+            model = write_demo_model(Path(tmp) / "demo")
         results = {"batched": run_once(model, args, args.clients)}
         if args.compare_serial:
             results["serial"] = run_once(model, args, 1)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.image import encode_image, patch_grid
+from runtime.image import patch_grid
+from runtime.prompt import prepare_image
 from runtime.tokenizer import PixtralTokenizer
 
 from .render import ImageSample
@@ -39,6 +40,10 @@ class CalibrationSpec:
     text_sources: tuple[str, ...] = ()  # files or folders; () = exllamav2's standard calibration text
     image_sources: tuple[str, ...] = ()  # image folders or jsonl; () = shipped photos + drawn charts/pages
     seed: int = 0
+    # weight of image-token rows in every Hessian and measured error (text tokens weigh 1): below 1
+    # protects the language path, which MBQ measured >10x as sensitive as the image tokens. 0.1 won
+    # our comparison on the demo model (bench/calibration_modes.py, README "Does calibrating on images help?")
+    image_token_weight: float = 0.1
 
     def dataset_name(self) -> str:
         text = ",".join(self.text_sources) or "(default)"
@@ -99,16 +104,15 @@ def fit_image(image: Image.Image, max_tokens: int) -> Image.Image:
 
 
 def _image_turn(sample: ImageSample, tokenizer: PixtralTokenizer, max_tokens: int, bos: bool) -> tuple[list[int], np.ndarray]:
-    tokens, pixels = encode_image(fit_image(sample.image, max_tokens), tokenizer.image_ids)
-    rows, cols = pixels.shape[1] // 16, pixels.shape[2] // 16
+    picture = prepare_image(fit_image(sample.image, max_tokens))
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]},
         {"role": "assistant", "content": sample.answer},
     ]
-    ids = tokenizer.encode_chat(messages, [(rows, cols)])
+    ids = tokenizer.encode_chat(messages, [picture.grid])
     if not bos and ids and ids[0] == tokenizer.bos_id:
         ids = ids[1:]
-    return ids, pixels
+    return ids, picture.pixels
 
 
 def build_rows(spec: CalibrationSpec, tokenizer: PixtralTokenizer) -> list[CalibrationRow]:

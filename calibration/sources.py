@@ -20,8 +20,8 @@ from .render import ImageSample, rendered_samples
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_SUFFIXES = (".txt", ".utf8", ".md", ".text")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 WIKI_DOC_END = "</doc>\n"
+DEMO_TASK = "builtin:demo-task"  # the demo model's own task as a calibration source (text and images)
 MAX_DOC_CHARS = 6000
 
 
@@ -77,7 +77,10 @@ def _load(builder: str, path: Path, **kwargs: object) -> list[dict]:
 
 def read_texts(path: str | Path) -> list[str]:
     """Documents from a text file, a jsonl/json file (`text` column, else all string columns
-    joined), a parquet file (all columns joined with a space, as exllamav2), or a folder of those."""
+    joined), a parquet file (all columns joined with a space, as exllamav2), or a folder of those;
+    `builtin:demo-task`: conversations of the demo model's task."""
+    if str(path) == DEMO_TASK:
+        return demo_task_texts()
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"{path}: calibration text not found")
@@ -105,7 +108,10 @@ def _record_text(record: dict) -> str:
 
 def read_image_samples(path: str | Path) -> list[ImageSample]:
     """Pictures with a question and answer (or a caption) from an image folder (metadata.jsonl with
-    `file_name`, `question`/`answer` or `text`) or from a jsonl file of {image, question, answer}."""
+    `file_name`, `question`/`answer` or `text`) or from a jsonl file of {image, question, answer};
+    `builtin:demo-task`: drawn scenes of the demo model's task."""
+    if str(path) == DEMO_TASK:
+        return demo_task_samples()
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"{path}: calibration images not found")
@@ -139,6 +145,28 @@ def _sample(image: Image.Image, record: dict, source: str) -> ImageSample:
     question = record.get("question") or "Describe this image."
     answer = record.get("answer") or record.get("text") or record.get("caption") or ""
     return ImageSample(image.convert("RGB"), str(question), str(answer), source)
+
+
+def demo_task_texts(count: int = 400) -> list[str]:
+    """Whole conversations of the demo task (its text questions and the words of its picture
+    questions), as the demo model's chat template writes them."""
+    from runtime.chat_template import chat_template, render_chat
+    from runtime.demo.task import CALIBRATION_SEED, examples
+
+    template = chat_template("spm")  # the demo model's tokenizer (v7m1)
+    docs = []
+    for example in examples(CALIBRATION_SEED, count, text_share=0.5):
+        messages = [{"role": "user", "content": example.question}, {"role": "assistant", "content": example.answer}]
+        docs.append(render_chat(template, messages).removeprefix("<s>"))
+    return docs
+
+
+def demo_task_samples(count: int = 64) -> list[ImageSample]:
+    """Drawn scenes of the demo task with a question each (a seed stream training never saw)."""
+    from runtime.demo.task import CALIBRATION_SEED, examples
+
+    pictures = [e for e in examples(CALIBRATION_SEED + 100, 2 * count, text_share=0.0) if e.image is not None][:count]
+    return [ImageSample(e.image, e.question, e.answer, DEMO_TASK) for e in pictures]
 
 
 def default_image_samples(seed: int, texts: list[str]) -> list[ImageSample]:

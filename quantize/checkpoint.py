@@ -48,6 +48,7 @@ def write_exl2_checkpoint(
     quantization_config: dict[str, Any],
     shard_mb: int = DEFAULT_SHARD_MB,
     force: bool = False,
+    extra_files: Callable[[Path], dict[str, bytes]] | None = None,
 ) -> Path:
     """Write a complete EXL2 model directory, atomically.
 
@@ -77,4 +78,6 @@ def write_exl2_checkpoint(
         config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"] = quantization_config
         write_json(tmp / "config.json", config)
+        for name, data in (extra_files(tmp) if extra_files else {}).items():  # e.g. the model card, which needs the shard sizes
+            (tmp / name).write_bytes(data)
     return Path(out_dir)

@@ -16,16 +16,23 @@ from runtime.text import LinearSpec
 
 
 class HessianAccumulator:
-    """Running sum of xᵀx over tokens, in fp32."""
+    """Running sum of xᵀx over tokens, in fp32; `token_weight` [tokens] (set per row) weighs each
+    token's outer product, e.g. image tokens less than text tokens."""
 
     def __init__(self, features: int, device: torch.device | str):
         self.H = torch.zeros(features, features, dtype=torch.float32, device=device)
-        self.tokens = 0
+        self.tokens = 0.0
+        self.token_weight: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
         x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, K]
-        self.H.addmm_(x2.T, x2)
-        self.tokens += x2.shape[0]
+        if self.token_weight is None:
+            self.H.addmm_(x2.T, x2)
+            self.tokens += x2.shape[0]
+        else:
+            w = self.token_weight.to(x2.device, torch.float32)  # [tokens]
+            self.H.addmm_((x2 * w[:, None]).T, x2)
+            self.tokens += float(w.sum())
 
     def result(self) -> Tensor:
         """Mean outer product; the identity when no token was seen (then GPTQ reduces to RTN)."""

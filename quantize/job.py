@@ -1,9 +1,10 @@
 """The quantize job's configuration and its persisted state, for resuming after a kill.
 
-Stages run in order; inside MEASURE and QUANTIZE the state advances per layer. Every write is atomic
-(temp file + rename), and the row states a checkpoint refers to are written before the job file
-that names them, so a kill at any instant leaves a consistent last checkpoint. A resumed job must
-have the same frozen settings (model, tiers, calibration, ...) or it is refused.
+Stages run in order; inside MEASURE and QUANTIZE the state advances block by block (a decoder layer
+is two blocks). Every write is atomic (temp file + rename), and the row states a state refers to
+are written before the job file that names them, so a kill at any instant leaves a consistent last
+checkpoint. A resumed job must have the same frozen settings (model, tiers, calibration, device kind,
+...) or it is refused.
 """
 
 from __future__ import annotations
@@ -16,15 +17,26 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from calibration.rows import CalibrationSpec
+from runtime.config import PixtralConfig
+from runtime.device import resolve_device
+from runtime.exl2_format import GroupPlan
 from runtime.outputs import atomic_write_json
+from runtime.progress import ProgressFn
 
 from .checkpoint import DEFAULT_SHARD_MB
+from .compute import Compute
 from .gptq import DAMP
+from .streams import RowStore, load_rows
 
 WORK_DIR = ".work"
 JOB_FILE = "job.json"
 MEASUREMENT_FILE = "measurement.json"  # in OUT_DIR: every job leaves the measurement its tiers came from
+JOB_VERSION = 2
+ROWS_FILE = "calibration.safetensors"
 
 
 class Stage(str, Enum):
@@ -52,11 +64,11 @@ class QuantizeConfig:
     device: str = "auto"
     damp: float = DAMP
     shard_mb: int = DEFAULT_SHARD_MB
-    checkpoint_seconds: float = 180.0  # how often row states are saved inside MEASURE/QUANTIZE
     resume: bool = False
     force: bool = False
     keep_work: bool = False
     check_weights: bool = True
+    legacy: bool = False  # the previous algorithm (benchmark baseline): full scale search, no reuse
 
     def frozen(self) -> dict[str, Any]:
         """The settings a resumed job must share with the interrupted one."""
@@ -67,6 +79,8 @@ class QuantizeConfig:
             "calibration": dataclasses.asdict(self.calibration),
             "measurement": str(self.measurement) if self.measurement else None,
             "damp": self.damp,
+            "device": resolve_device(self.device).type,  # cpu computes in fp32, cuda in fp16: not mixable
+            "legacy": self.legacy,
         }
 
     def fingerprint(self) -> str:
@@ -84,27 +98,87 @@ def tier_name(bpw: float) -> str:
 
 
 @dataclass
+class TierState:
+    """One tier: its layout per linear (from the allocation) and what its quantization measured."""
+
+    name: str
+    target_bpw: float
+    bits: int
+    numel: int
+    plans: dict[str, tuple[tuple[int, int], ...]]  # linear prefix -> groups (bits, rows)
+    head_bpw: float | None = None
+    calibration_kl: float | None = None
+    compiled: bool = False
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / self.numel
+
+    def plan(self, prefix: str) -> GroupPlan:
+        return GroupPlan(self.plans[prefix])
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "plans": {k: [list(g) for g in v] for k, v in self.plans.items()}}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> TierState:
+        plans = {k: tuple(tuple(g) for g in v) for k, v in data["plans"].items()}
+        return TierState(**{**data, "plans": plans})
+
+
+@dataclass(frozen=True)
 class JobState:
     fingerprint: str
     frozen: dict[str, Any]
     stage: Stage = Stage.CALIBRATE
-    layer: int = 0  # layers finished in the current stage (as of the saved row states)
-    states_file: str | None = None  # row states at `layer`, inside the work dir
+    blocks_done: int = 0  # blocks finished in the current stage (two per decoder layer)
+    streams: dict[str, str] = field(default_factory=dict)  # stream -> the 'stream:buffer' holding its rows
     images: int = 0  # pictures in the calibration rows
-    plans: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)  # tier -> linear -> groups
-    tier_bits: dict[str, dict[str, float]] = field(default_factory=dict)  # tier -> {bits, numel, bpw}
-    tier_errors: dict[str, float] = field(default_factory=dict)  # tier -> calibration KL vs fp16
+    tiers: dict[str, TierState] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    compiled: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["stage"] = self.stage.value
-        return data
+        return {"version": JOB_VERSION, "fingerprint": self.fingerprint, "frozen": self.frozen, "stage": self.stage.value,
+                "blocks_done": self.blocks_done, "streams": self.streams, "images": self.images,
+                "tiers": {name: tier.to_json() for name, tier in self.tiers.items()}, "timings": self.timings}  # fmt: skip
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> JobState:
-        return JobState(**{**data, "stage": Stage(data["stage"])})
+        if data.get("version") != JOB_VERSION:
+            raise ValueError("job file from another version")
+        tiers = {name: TierState.from_json(tier) for name, tier in data["tiers"].items()}
+        return JobState(data["fingerprint"], data["frozen"], Stage(data["stage"]), data["blocks_done"], data["streams"], data["images"],
+                        tiers, data["timings"])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every stage reads and nothing changes: the settings, the model's config, where to compute,
+    where the row states live, and whom to tell about progress. Stages take a JobState and return
+    the next one."""
+
+    config: QuantizeConfig
+    cfg: PixtralConfig
+    compute: Compute
+    store: RowStore
+    progress: ProgressFn
+
+    @property
+    def work(self) -> Path:
+        return self.config.work_dir
+
+    @property
+    def layers(self) -> int:
+        return self.cfg.text.num_hidden_layers
+
+    def token_weights(self, count: int) -> list[Tensor] | None:
+        """Per calibration row, each token's weight in the Hessians and errors: image_token_weight at
+        `[IMG]`, 1 elsewhere (None when all are 1: the plain sums, bit for bit as before the option)."""
+        weight = self.config.calibration.image_token_weight
+        if weight == 1.0:
+            return None
+        rows = load_rows(self.work / ROWS_FILE)[:count]
+        return [torch.where(row.input_ids == self.cfg.image_token_index, weight, 1.0) for row in rows]
 
 
 def save_state(work_dir: Path, state: JobState) -> None:
@@ -112,10 +186,14 @@ def save_state(work_dir: Path, state: JobState) -> None:
 
 
 def load_state(work_dir: Path) -> JobState | None:
+    """The saved state; None when there is none, or it was written by another version (start over)."""
     path = work_dir / JOB_FILE
     if not path.is_file():
         return None
-    return JobState.from_json(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return JobState.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,27 +13,18 @@ from runtime.device import resolve_device
 from runtime.errors import OptionError, check_range
 from runtime.exl2_format import pad_columns
 from runtime.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable, read_marker
-from runtime.text import DECODER_LINEARS, layer_prefix
+from runtime.text import DECODER_LINEARS
 from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint, WeightsError
 
+from .candidates import HEAD_OPTIONS, linear_shapes
 from .job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
-from .options import HEAD_OPTIONS
-from .strategy import MeasurementError, load_measurement, measurement_from_json, minimum_bpw
-from .strategy_exllamav2 import is_exllamav2_measurement
+from .measure import MeasurementError, load_measurement, measurement_from_json
+from .plan import is_exllamav2_measurement, minimum_bpw
+from .streams import disk_bytes
 
 FLOAT_DTYPES = {"F16", "BF16", "F32"}
 MAX_BPW = 8.0
-
-
-def linear_shapes(cfg: PixtralConfig) -> dict[str, tuple[int, int]]:
-    """(rows K, padded columns N') of every decoder layer linear, by tensor prefix."""
-    shapes = {}
-    for index in range(cfg.text.num_hidden_layers):
-        for spec in DECODER_LINEARS:
-            out_features, in_features = spec.shape(cfg.text)
-            shapes[layer_prefix(index) + spec.name] = (in_features, pad_columns(out_features))
-    return shapes
 
 
 def check_model(model_dir: Path, check_values: bool, tick: Callable[[int, int], None] = lambda d, t: None) -> PixtralConfig:
@@ -68,7 +59,7 @@ def check_model(model_dir: Path, check_values: bool, tick: Callable[[int, int], 
 MAX_ROWS = 100_000
 MIN_LENGTH, MAX_LENGTH = 16, 1 << 20
 MAX_SHARD_MB = 1 << 20
-RAM_HEADROOM = 0.9  # refuse a job whose row states alone would fill more of the host's memory
+DISK_HEADROOM = 0.95  # leave the last bit of the disk for the tiers being written
 
 
 def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
@@ -81,9 +72,9 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     check_range("--image-fraction (calibration.image_fraction)", spec.image_fraction, 0.0, 1.0, "a number")
     check_range("calibration.image_token_share", spec.image_token_share, 0.05, 1.0, "a number")
     check_range("calibration.random_rows", spec.random_rows, 0, spec.rows)
+    check_range("calibration.image_token_weight", spec.image_token_weight, 0.001, 100.0, "a number")
     check_range("--seed (calibration.seed)", spec.seed, 0, 2**63 - 1)
     check_range("--shard-size", config.shard_mb, 1, MAX_SHARD_MB)
-    check_range("--save-every", config.checkpoint_seconds, 0, 1e9, "a number of seconds")
     check_range("damp", config.damp, 1e-6, 1.0, "a number")
     resolve_device(config.device)
     if not config.tiers:
@@ -98,25 +89,19 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     for bpw in config.tiers:
         if not lowest <= bpw <= MAX_BPW:
             raise OptionError(f"--bpw: {bpw:g} is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW:g})")
-    _check_memory(config, cfg)
+    _check_disk(config, cfg)
 
 
-def state_bytes(config: QuantizeConfig, cfg: PixtralConfig) -> int:
-    """Host memory of the row states the quantize stage keeps: one stream per tier plus the reference."""
-    spec = config.calibration
-    row = spec.length * cfg.text.hidden_size * 2  # fp16
-    return (len(config.tiers) * spec.rows + spec.measure_rows) * row
-
-
-def _check_memory(config: QuantizeConfig, cfg: PixtralConfig) -> None:
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    need = state_bytes(config, cfg)
-    if need > RAM_HEADROOM * ram:
-        raise OptionError(f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: the row "
-                          f"states need {need / 2**30:.1f} GiB of RAM, this machine has {ram / 2**30:.1f} GiB; lower --rows or "
+def _check_disk(config: QuantizeConfig, cfg: PixtralConfig) -> None:
+    """Row states and quantized tensors live on disk: refuse a job that cannot fit where OUT_DIR is."""
+    need = job_footprint(config, cfg)["disk"]
+    place = Path(config.out_dir).absolute()
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need > DISK_HEADROOM * free:
+        raise OptionError(f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: the job "
+                          f"needs about {need / 2**30:.1f} GiB of disk under {place}, {free / 2**30:.1f} GiB are free; lower --rows or "
                           "--length, or quantize fewer tiers per run (reuse OUT/measurement.json with --measurement)")  # fmt: skip
 
 
@@ -177,3 +162,26 @@ def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
         m = measurements.get(name)
         if m is None or (m.rows, m.columns) != (rows, columns):
             raise MeasurementError(f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model")
+
+
+def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
+    """Peak host RAM (computing on the CPU) and peak disk of a job, from the shapes the code handles.
+
+    RAM: the largest of (a) measuring the widest linear: its layer in fp32, the measurement rows and
+    their reference outputs, the four Hessians and their factors, GPTQ's three work matrices plus up to
+    three snapshots of them, two weight copies; (b) a tier's head: the head weight and three work
+    matrices, and the fp16 reference distributions the calibration KL is taken against.
+    Disk: the row states (streams.disk_bytes) plus every tier's quantized tensors before compiling.
+    """
+    t, spec = cfg.text, config.calibration
+    shapes = {spec_.name: spec_.shape(t) for spec_ in DECODER_LINEARS}
+    layer = 4 * sum(n * k for n, k in shapes.values())
+    rows = spec.measure_rows * spec.length * t.hidden_size * 2
+    groups = {s.hessian_group: shapes[s.name][1] for s in DECODER_LINEARS}
+    hessians = 2 * 4 * sum(k * k for k in groups.values())
+    widest = max(pad_columns(n) * k for n, k in shapes.values())
+    measure = layer + 2 * rows + hessians + 4 * widest * (3 + 3 + 2) + spec.length * t.intermediate_size * 4 * 3
+    head = 4 * pad_columns(t.vocab_size) * t.hidden_size * 4 + spec.measure_rows * 64 * t.vocab_size * 2 + 2 * 4 * t.hidden_size**2
+    params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
+    disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(params * sum(config.tiers) / 8)
+    return {"ram": int(max(measure, head)), "disk": int(disk)}

@@ -1,21 +1,30 @@
-"""Persisting what a quantize job carries between layers: calibration rows and row hidden states.
+"""What a quantize job carries between layers: the calibration rows, and the row states of every
+stream (the measurement's, the fp16 reference, one per tier) on disk, not in memory.
 
-States are saved in the dtype they are kept in (fp16), so a resumed job continues from exactly the
-bits an uninterrupted one had. Files are written under a new name and only then referenced by the job
-file; the previous generation is deleted afterwards.
+Each stream is two files of fixed-size fp16 records, one per calibration row ([length, hidden]).
+A block reads its rows from the stream's current buffer and writes its outputs into the other, so
+a kill in the middle of a block leaves that block's input intact; the job file then says which
+buffer is current (rows are written before the job file names them). A save point therefore writes
+nothing but the job file, and the process holds one row at a time: its memory does not grow with
+rows, length or tiers (the operating system's page cache keeps recent rows in free RAM).
+Disk: 2 · rows · length · hidden · 2 bytes per stream (see `disk_bytes`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibration.rows import CalibrationRow
 from runtime.outputs import follow_umask
+
+EMBED = "embed"  # the decoder inputs, written once; every stream starts from it
 
 
 def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
@@ -26,38 +35,17 @@ def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
             tensors[f"image.{len(owners)}"] = torch.from_numpy(pixels.copy())
             owners.append(index)
     tensors["image_row"] = torch.tensor(owners, dtype=torch.int64)
-    kinds = ",".join(r.kind for r in rows)
-    _atomic_save(path, tensors, {"kinds": kinds})
-
-
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a file and its metadata, in one open."""
-    with safe_open(str(path), "pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()
+    _atomic_save(path, tensors, {"kinds": ",".join(r.kind for r in rows)})
 
 
 def load_rows(path: Path) -> list[CalibrationRow]:
-    tensors, metadata = _load(path)
+    with safe_open(str(path), "pt") as handle:
+        tensors, metadata = {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()
     kinds = metadata["kinds"].split(",")
     rows = [CalibrationRow(ids.clone(), [], kind) for ids, kind in zip(tensors["input_ids"], kinds)]
     for image_index, row_index in enumerate(tensors["image_row"].tolist()):
         rows[row_index].images.append(tensors[f"image.{image_index}"].numpy())
     return rows
-
-
-def save_streams(path: Path, streams: dict[str, list[torch.Tensor]]) -> None:
-    """Streams by name, each a list of per-row [L, hidden] fp16 tensors."""
-    tensors = {f"{name}.{i}": state.contiguous() for name, states in streams.items() for i, state in enumerate(states)}
-    _atomic_save(path, tensors, {"streams": ",".join(f"{name}:{len(states)}" for name, states in streams.items())})
-
-
-def load_streams(path: Path) -> dict[str, list[torch.Tensor]]:
-    tensors, metadata = _load(path)
-    streams = {}
-    for entry in filter(None, metadata["streams"].split(",")):
-        name, count = entry.rsplit(":", 1)
-        streams[name] = [tensors[f"{name}.{i}"] for i in range(int(count))]
-    return streams
 
 
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -69,3 +57,54 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _atomic_save(path, tensors, {"format": "pt"})
+
+
+class RowStore:
+    """Row states of named streams in `folder`, double-buffered; a location is 'stream:buffer'."""
+
+    def __init__(self, folder: Path, length: int, hidden: int):
+        self.folder, self.shape = folder, (length, hidden)
+        self.record = length * hidden * 2  # fp16 bytes per row
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, location: str) -> Path:
+        name, _, buffer = location.rpartition(":")
+        return self.folder / f"{name}.{buffer}.bin"
+
+    def read(self, location: str, row: int) -> torch.Tensor:
+        """Row `row` of the buffer at `location`, [length, hidden] fp16 on the CPU."""
+        with open(self._path(location), "rb") as handle:
+            data = os.pread(handle.fileno(), self.record, row * self.record)
+        if len(data) != self.record:
+            raise OSError(f"{self._path(location)}: row {row} is missing (a damaged work directory; start over with --force)")
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.shape).copy())
+
+    def rows(self, location: str, count: int) -> Iterator[torch.Tensor]:
+        for row in range(count):
+            yield self.read(location, row)
+
+    def write(self, location: str, row: int, state: torch.Tensor) -> None:
+        data = state.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+        path = self._path(location)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            os.pwrite(descriptor, data, row * self.record)
+        finally:
+            os.close(descriptor)
+
+    def remove(self, stream: str) -> None:
+        for buffer in (0, 1):
+            self._path(f"{stream}:{buffer}").unlink(missing_ok=True)
+
+
+def next_location(stream: str, current: str) -> str:
+    """Where a stream's next block writes: its other buffer (its first one, when it reads `embed`)."""
+    name, _, buffer = current.rpartition(":")
+    return f"{stream}:{1 - int(buffer)}" if name == stream else f"{stream}:0"
+
+
+def disk_bytes(rows: int, measure_rows: int, tiers: int, length: int, hidden: int) -> int:
+    """Peak disk of the row states: the embeddings, the reference stream and every tier's, two buffers
+    each (the measurement's stream is gone by then)."""
+    record = length * hidden * 2
+    return record * (rows + 2 * measure_rows + 2 * tiers * rows)

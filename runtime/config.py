@@ -67,10 +67,6 @@ class PixtralConfig:
     eos_token_id: int = 2
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    @property
-    def rms_norm_eps(self) -> float:
-        return self.text.rms_norm_eps
-
 
 def _read(section: dict[str, Any], names: list[str], where: str, default: Any = None) -> Any:
     """First present key of `names` in `section` (dotted names walk sub-dicts)."""
@@ -208,31 +204,3 @@ def to_hf_dict(config: PixtralConfig, dtype: str = "float16") -> dict[str, Any]:
     }
     out.update(config.extra)
     return out
-
-
-def parameter_counts(config: PixtralConfig) -> dict[str, int]:
-    """Parameter counts per component, computed from the shapes the config implies."""
-    t, v = config.text, config.vision
-    q_out, kv_out = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    per_layer = (
-        t.hidden_size * (q_out + 2 * kv_out)
-        + q_out * t.hidden_size
-        + 3 * t.hidden_size * t.intermediate_size
-        + 2 * t.hidden_size
-    )
-    embed_and_head = 2 * t.vocab_size * t.hidden_size
-    decoder = per_layer * t.num_hidden_layers + embed_and_head + t.hidden_size
-    v_layer = 4 * v.hidden_size * v.hidden_size + 3 * v.hidden_size * v.intermediate_size + 2 * v.hidden_size
-    vision = (
-        v.num_channels * v.patch_size**2 * v.hidden_size + v.hidden_size + v_layer * v.num_hidden_layers
-    )
-    bias = 2 * t.hidden_size if config.projector_bias else 0
-    projector = v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size + bias
-    return {
-        "decoder": decoder,
-        "decoder_linears": per_layer * t.num_hidden_layers - 2 * t.hidden_size * t.num_hidden_layers,
-        "embed_and_head": embed_and_head,
-        "vision": vision,
-        "projector": projector,
-        "total": decoder + vision + projector,
-    }

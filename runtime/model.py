@@ -162,3 +162,18 @@ def iter_layers(
     with Checkpoint(model_dir) as ckpt:
         for index in range(cfg.text.num_hidden_layers):
             yield index, load_layer(ckpt, cfg, index, dtype, device)
+
+
+def parameter_counts(cfg: PixtralConfig) -> dict[str, int]:
+    """Parameters per component, counted on the modules themselves (built on the meta device)."""
+    with torch.device("meta"):
+        model = PixtralModel(cfg)
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    lm = model.language_model
+    norms = sum(count(layer.input_layernorm) + count(layer.post_attention_layernorm) for layer in lm.model.layers)
+    decoder, vision, projector = count(lm), count(model.vision_tower), count(model.multi_modal_projector)
+    return {"decoder": decoder, "decoder_linears": count(lm.model.layers) - norms, "embed_and_head": count(lm.model.embed_tokens) + count(lm.lm_head),
+            "vision": vision, "projector": projector, "total": decoder + vision + projector}  # fmt: skip

@@ -12,6 +12,7 @@ Rules (one place, so every command keeps them):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from .errors import UserError
 
 MARKER = ".pixtral-exl2-output.json"
 TMP_TAG, OLD_TAG = ".pixtral-exl2-tmp-", ".pixtral-exl2-old-"
+SMALL_FILE = 1 << 20  # files up to this size get a hash in the marker
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.pixtral-exl2-(?:tmp|old)-(?P<pid>\d+)$")
 
 
@@ -144,8 +146,7 @@ def atomic_directory(final: str | Path, force: bool, command: str, inputs: Itera
     try:
         tmp.mkdir()
         yield tmp
-        marker = {"written_by": "pixtral-exl2", "command": command, "files": sorted({p.name for p in tmp.iterdir()} | {MARKER})}
-        write_json(tmp / MARKER, marker)
+        write_json(tmp / MARKER, _marker(tmp, command))
         old = final.parent / f".{final.name}{OLD_TAG}{os.getpid()}"
         if final.exists():
             os.replace(final, old)
@@ -157,6 +158,38 @@ def atomic_directory(final: str | Path, force: bool, command: str, inputs: Itera
             if directory.exists() and not any(directory.iterdir()):
                 directory.rmdir()
         raise
+
+
+def _marker(directory: Path, command: str) -> dict[str, Any]:
+    """What we wrote into `directory`: its files, and the hashes of the small ones we may rewrite later
+    (a card), so a later run can tell our file from one the user edited."""
+    files = sorted({p.name for p in directory.iterdir()} | {MARKER})
+    small = {p.name: _sha256(p) for p in directory.iterdir() if p.is_file() and p.name != MARKER and p.stat().st_size <= SMALL_FILE}
+    return {"written_by": "pixtral-exl2", "command": command, "files": files, "sha256": dict(sorted(small.items()))}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def update_owned_files(directory: Path, files: dict[str, bytes], force: bool = False) -> None:
+    """Write `files` into a directory pixtral-exl2 wrote (its marker updated): a file we did not write,
+    or one changed since we wrote it, is only replaced with `force`."""
+    directory = Path(directory)
+    marker = read_marker(directory)
+    if marker is None:
+        raise OutputError(f"{directory}: not written by pixtral-exl2 (no {MARKER}); not touching it")
+    hashes = marker.get("sha256") or {}
+    for name, data in files.items():
+        path = directory / name
+        if path.exists() and not force and hashes.get(name) != _sha256(path):
+            raise OutputError(f"{path}: changed since pixtral-exl2 wrote it (or not written by it); pass --force to replace it")
+    for name, data in files.items():
+        atomic_write_bytes(directory / name, data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    marker["files"] = sorted(set(marker["files"]) | set(files))
+    marker["sha256"] = dict(sorted(hashes.items()))
+    atomic_write_json(directory / MARKER, marker)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

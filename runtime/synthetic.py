@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,23 +64,6 @@ class SyntheticSpec:
         return PixtralConfig(text=text, vision=vision, projector_bias=self.projector_bias)
 
 
-# The embedded demo model: small enough to quantize on two CPU cores in about a minute.
-DEMO_SPEC = SyntheticSpec(
-    hidden_size=128,
-    intermediate_size=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    vision_hidden_size=64,
-    vision_intermediate_size=128,
-    vision_layers=2,
-    vision_heads=2,
-    tokenizer="tekken",
-    seed=2409,
-)
-
-
 def _gain(n: int, gen: torch.Generator, spread: float = 0.4) -> torch.Tensor:
     """Log-normal per-channel gains around 1: uneven channel scales, as trained norms have."""
     return torch.exp(spread * torch.randn(n, generator=gen))
@@ -131,7 +114,3 @@ def write_random_model(
             writer.add(name, tensor.to(dtype))
         writer.finish()
     return Path(out_dir)
-
-
-def demo_spec(seed: int | None = None) -> SyntheticSpec:
-    return DEMO_SPEC if seed is None else replace(DEMO_SPEC, seed=seed)

@@ -140,6 +140,15 @@ class LanguageModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
+    def hidden_states(self, inputs_embeds: Tensor) -> Tensor:
+        """The final-norm hidden states [B, T, hidden] of a full (uncached) pass: the head's input."""
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -154,17 +163,8 @@ class LinearSpec:
     hessian_group: str  # "attn_in" | "attn_out" | "mlp_in" | "mlp_down"
 
     def shape(self, cfg: TextConfig) -> tuple[int, int]:
-        """(out_features, in_features) of this linear for `cfg`."""
-        q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        return {
-            "self_attn.q_proj": (q_out, cfg.hidden_size),
-            "self_attn.k_proj": (kv_out, cfg.hidden_size),
-            "self_attn.v_proj": (kv_out, cfg.hidden_size),
-            "self_attn.o_proj": (cfg.hidden_size, q_out),
-            "mlp.gate_proj": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.up_proj": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.down_proj": (cfg.hidden_size, cfg.intermediate_size),
-        }[self.name]
+        """(out_features, in_features) of this linear for `cfg`, as the modules define it."""
+        return layer_shapes(cfg)[self.name]
 
 
 DECODER_LINEARS: tuple[LinearSpec, ...] = (
@@ -176,6 +176,13 @@ DECODER_LINEARS: tuple[LinearSpec, ...] = (
     LinearSpec("mlp.up_proj", "mlp", "mlp_in"),
     LinearSpec("mlp.down_proj", "mlp", "mlp_down"),
 )
+
+def layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every linear of a decoder layer, read off the modules (meta device)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg)
+    return {name: tuple(module.weight.shape) for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
 
 LAYER_PREFIX = "language_model.model.layers."
 

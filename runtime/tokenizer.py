@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 from .chat_template import render_chat
 from .errors import UserError
-from .image import ImageTokenIds
+from .image import ImageTokenIds, image_token_ids
 
 IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
 
@@ -82,7 +82,7 @@ class PixtralTokenizer:
             raise TokenizerError(f"prompt has {len(pieces) - 1} image placeholders but {len(grids)} images were given")
         out = [pieces[0]]
         for (rows, cols), tail in zip(grids, pieces[1:]):
-            out.append(((IMG * cols + IMG_BREAK) * rows)[: -len(IMG_BREAK)] + IMG_END + tail)
+            out.append("".join(map(self.tokenizer.id_to_token, image_token_ids(rows, cols, self.image_ids))) + tail)
         return "".join(out)
 
     def encode_chat(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,19 +28,6 @@ _PREFIX_ALIASES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
-
-SAFETENSORS_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I64": torch.int64,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "BOOL": torch.bool,
-}
-
 
 class WeightsError(UserError):
     """A checkpoint that is missing files or tensors, or holds tensors of the wrong shape or type."""
@@ -161,10 +147,6 @@ class Checkpoint:
             self._handles[shard] = self._stack.enter_context(safe_open(str(shard), framework="pt"))
         return self._handles[shard].get_tensor(self._stored[name])
 
-    def iter_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """All tensors whose canonical name starts with `prefix`, in name order."""
-        for name in sorted(n for n in self._files if n.startswith(prefix)):
-            yield name, self.get(name)
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:

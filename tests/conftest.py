@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels run in its interpreter where there is no GPU (set before anything imports triton)
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import math
 import shutil

@@ -180,8 +180,10 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
         assert invoke("demo-model", tmp_path / "demo").exit_code == 0
     finally:
         os.umask(old)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "demo").iterdir()}
-    assert set(modes.values()) == {0o640}, modes
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    folders = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "demo").rglob("*") if p.is_dir()}
+    assert set(files.values()) == {0o640} and "examples" in folders and set(folders.values()) == {0o750}, (files, folders)
+    assert (tmp_path / "demo").stat().st_mode & 0o777 == 0o750
 
 
 # --- options and files checked before any work -------------------------------------------------
@@ -192,7 +194,7 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     [(["--length", "10000000"], "--length"), (["--image-fraction", "1.5"], "--image-fraction"), (["--shard-size", "0"], "--shard-size"),
      (["--rows", "0"], "--rows"), (["--measure-rows", "9"], "--measure-rows"), (["--seed", "-1"], "--seed"),
      (["--device", "tpu"], "--device"), (["--head-bits", "7"], "--head-bits"), (["--bpw", "9"], "--bpw"),
-     (["--bpw", "4,4.0"], "more than once"), (["--save-every", "-5"], "--save-every"), (["--recipe", "nope"], "recipe 'nope'")],
+     (["--bpw", "4,4.0"], "more than once"), (["--recipe", "nope"], "recipe 'nope'")],
 )  # fmt: skip
 def test_quantize_options_are_checked_before_any_work(model: Path, tmp_path: Path, flags: list[str], needle: str) -> None:
     out = tmp_path / "out"
@@ -255,12 +257,12 @@ def test_inspect_on_an_fp16_model(model: Path) -> None:
 
 
 def test_an_unexpected_error_names_a_saved_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import runtime.synthetic as synthetic
+    import runtime.demo.model as demo_model
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(synthetic, "write_random_model", broken)
+    monkeypatch.setattr(demo_model, "write_examples", broken)
     result = invoke("demo-model", tmp_path / "demo")
     assert result.exit_code == 1 and "internal error (RuntimeError: boom)" in result.output
     saved = Path(result.output.split("traceback saved to ")[1].split(";")[0].strip())

@@ -80,6 +80,11 @@ class Backend(ABC):
     def logits(self, prompt: Prompt) -> Tensor:
         """Next-token logits at every prompt position, [T, vocab] float32 on the CPU (for evaluation)."""
 
+    def logits_at(self, items: list[tuple[Prompt, list[int]]]) -> list[Tensor]:
+        """For each (prompt, positions): the logits at those positions, [len(positions), vocab] float32
+        on the CPU. Backends that can batch prompts override this (evaluation scores thousands)."""
+        return [self.logits(prompt)[positions] for prompt, positions in items]
+
     @abstractmethod
     def memory(self) -> dict[str, int]:
         """Bytes held: `weights`, `kv_cache` (allocated now), `kv_per_token`."""

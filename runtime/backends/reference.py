@@ -141,6 +141,23 @@ class ReferenceBackend(Backend):
             embeds, _ = self._embed(prompt, keys, 0)
             return self.model.language_model(embeds)[0].float().cpu()
 
+    @torch.inference_mode()
+    def logits_at(self, items: list[tuple[Prompt, list[int]]], batch: int = 32) -> list[Tensor]:
+        """Batched: prompts right-padded into one forward pass each `batch` (causal attention keeps
+        padding out of every real position), the head run on the asked positions only."""
+        out: list[Tensor] = []
+        lm = self.model.language_model
+        with self._lock:
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                rows = [self._embed(prompt, prompt.position_keys(self.cfg.image_token_index), 0)[0][0] for prompt, _ in chunk]
+                width = max(r.shape[0] for r in rows)
+                x = torch.stack([torch.cat([r, r.new_zeros(width - r.shape[0], r.shape[1])]) for r in rows])
+                hidden = lm.hidden_states(x)
+                for b, (_, positions) in enumerate(chunk):
+                    out.append(lm.lm_head(hidden[b, positions]).float().cpu())
+        return out
+
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"weights": weights, "kv_cache": self.cache.nbytes(), "kv_per_token": kv_bytes_per_token(self.cfg.text, self.dtype)}

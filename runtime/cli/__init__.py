@@ -6,7 +6,7 @@ and nowhere else. The error contract is enforced once, in `common.GuardedGroup`.
 
 from __future__ import annotations
 
-from . import chat_cmd, model_cmds, quantize_cmd, serve_cmd  # noqa: F401  (registers the subcommands)
+from . import chat_cmd, eval_cmd, model_cmds, quantize_cmd, serve_cmd  # noqa: F401  (registers the subcommands)
 from .common import app
 
 

@@ -15,7 +15,8 @@ from .common import app, console, fail, human_bytes, human_count, progress_displ
 @app.command()
 def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral model directory (fp16 or EXL2).")]) -> None:
     """Show a model directory's architecture, parameter counts, tokenizer and files."""
-    from runtime.config import load_config, parameter_counts
+    from runtime.config import load_config
+    from runtime.model import parameter_counts
     from runtime.tokenizer import PixtralTokenizer
     from runtime.weights import Checkpoint
 
@@ -45,16 +46,15 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral mod
 @app.command("demo-model")
 def demo_model(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the demo model (must not exist).")],
-    seed: Annotated[Optional[int], typer.Option(help="Weights seed (default: the embedded demo's).", min=0)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if pixtral-exl2 wrote it (other files are never deleted).")] = False,
 ) -> None:
-    """Write the embedded demo model: a small Pixtral (real architecture, real 12B tokenizer) in HF
-    Llava layout, usable as input to every other command."""
-    from runtime.synthetic import demo_spec, write_random_model
+    """Write the embedded demo model: a small Pixtral (real architecture, Pixtral-Large's tokenizer)
+    trained to answer questions about drawn shapes, in HF Llava layout, usable by every command."""
+    from runtime.demo.model import write_demo_model
 
     with console.status("writing the demo model"):
-        write_random_model(out_dir, demo_spec(seed), force=force)
-    console.print(f"demo model written to [bold]{out_dir}[/]")
+        write_demo_model(out_dir, force=force)
+    console.print(f"demo model written to [bold]{out_dir}[/]; pictures to ask about, with questions and answers, in {out_dir}/examples/")
 
 
 @app.command()
@@ -103,7 +103,7 @@ def convert(
     template, processor configs."""
     from quantize.convert_mistral import DTYPES
     from quantize.convert_mistral import convert as convert_checkpoint
-    from quantize.pipeline import Progress
+    from runtime.progress import Progress
 
     if dtype is not None and dtype not in DTYPES:
         raise fail(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

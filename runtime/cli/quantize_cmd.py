@@ -41,7 +41,6 @@ def quantize(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job in OUT_DIR (same settings).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing OUT_DIR: replaces its tiers, measurement.json and .work, nothing else.")] = False,
     keep_work: Annotated[bool, typer.Option("--keep-work", help="Keep OUT_DIR/.work (row states, per-layer tensors) after success.")] = False,
-    save_every: Annotated[Optional[float], typer.Option(help="Seconds between saves of the row states (resume points); default 180.")] = None,
     skip_weight_check: Annotated[bool, typer.Option("--skip-weight-check", help="Do not scan every weight for NaN/inf first.")] = False,
 ) -> None:
     """Measure once, then write one EXL2 checkpoint per target bpw: decoder quantized (GPTQ, bits
@@ -51,7 +50,7 @@ def quantize(
 
     flags = {
         "tiers": _floats(bpw), "head_bits": head_bits, "measurement": measurement, "device": device,
-        "shard_mb": shard_size, "resume": resume, "force": force, "keep_work": keep_work, "checkpoint_seconds": save_every,
+        "shard_mb": shard_size, "resume": resume, "force": force, "keep_work": keep_work,
         "check_weights": not skip_weight_check,
         "calibration": {"rows": rows, "measure_rows": measure_rows, "length": length, "seed": seed,
                         "image_fraction": 0.0 if text_only else image_fraction,

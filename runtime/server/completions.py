@@ -271,7 +271,7 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=delta), logprobs=logprobs)])
             if result.usage is None:
                 return  # the client went away
-            content, calls, finish = run.finish(result, prefix)
+            _, calls, finish = run.finish(result, prefix)
             tail = Delta(tool_calls=calls) if calls else Delta()
             yield chunk([ChunkChoice(index=index, delta=tail, finish_reason=finish)])
             usages.append(result.usage)

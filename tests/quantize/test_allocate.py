@@ -8,7 +8,7 @@ import random
 import pytest
 
 from quantize.allocate import InfeasibleBudget, Option, allocate
-from quantize.strategy import isotonic_decreasing
+from quantize.plan import isotonic_decreasing
 
 
 def _slot(costs: list[int], errors: list[float]) -> list[Option]:

@@ -160,8 +160,8 @@ def test_reads_exllamav2_style_output_with_stale_index(exl2_pair, tmp_path: Path
 
 
 def test_bias_is_packed_padded_fp16() -> None:
+    from quantize.candidates import make_plan
     from quantize.gptq import pack_exl2, rtn_quantize
-    from quantize.options import make_plan
     from runtime.exl2_checkpoint import validate_layer
 
     plan = make_plan(64, 4, 4, 64)

@@ -40,7 +40,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def job(source: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("job") / "out"
-    config = QuantizeConfig(source, out, TIERS, calibration=CALIBRATION, checkpoint_seconds=0, keep_work=True)
+    config = QuantizeConfig(source, out, TIERS, calibration=CALIBRATION, keep_work=True)
     return out, run_quantize(config)
 
 
@@ -130,7 +130,7 @@ def test_gptq_beats_round_to_nearest_at_the_same_bits(job, source: Path) -> None
 def test_measurement_is_reused_without_measuring(job, source: Path, tmp_path: Path) -> None:
     out, results = job
     config = QuantizeConfig(source, tmp_path / "again", (4.0,), calibration=CALIBRATION, measurement=out / "measurement.json",
-                            checkpoint_seconds=0, keep_work=True)  # fmt: skip
+                            keep_work=True)  # fmt: skip
     (again,) = run_quantize(config)
     state = json.loads((tmp_path / "again" / ".work" / "job.json").read_text())
     assert state["timings"]["measure"] < 0.5  # skipped
@@ -160,7 +160,7 @@ def _exllamav2_measurement(source: Path) -> dict:
 def test_exllamav2_measurement_is_accepted(source: Path, tmp_path: Path) -> None:
     path = tmp_path / "exl2-measurement.json"
     path.write_text(json.dumps(_exllamav2_measurement(source)))
-    config = QuantizeConfig(source, tmp_path / "out", (4.0,), calibration=CALIBRATION, measurement=path, checkpoint_seconds=0)
+    config = QuantizeConfig(source, tmp_path / "out", (4.0,), calibration=CALIBRATION, measurement=path)
     (result,) = run_quantize(config)
     assert 3.9 <= result.bpw <= 4.0  # whole-block rows are coarse: close to the target, never above it
     with EXL2Checkpoint(result.path) as ckpt:

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.rows import CalibrationSpec
+from quantize.candidates import anchor_candidates
 from quantize.job import QuantizeConfig, load_state
-from quantize.options import anchor_candidates
 from quantize.pipeline import run_quantize
 from runtime.cli import app
 from runtime.synthetic import SyntheticSpec, write_random_model
@@ -26,7 +26,7 @@ REPO = Path(__file__).parents[2]
 
 
 def _config(source: Path, out: Path, resume: bool = False) -> QuantizeConfig:
-    return QuantizeConfig(source, out, TIERS, calibration=CALIBRATION, checkpoint_seconds=0, resume=resume)
+    return QuantizeConfig(source, out, TIERS, calibration=CALIBRATION, resume=resume)
 
 
 def _run_and_die(source: Path, out: Path, stage: str, at: int, resume: bool) -> int:
@@ -39,7 +39,7 @@ def _run_and_die(source: Path, out: Path, stage: str, at: int, resume: bool) -> 
         from quantize.pipeline import run_quantize
         calibration = CalibrationSpec(**{CALIBRATION.__dict__!r})
         config = QuantizeConfig(Path({str(source)!r}), Path({str(out)!r}), {TIERS!r}, calibration=calibration,
-                                checkpoint_seconds=0, resume={resume!r})
+                                resume={resume!r})
         def die(event):
             if event.stage == {stage!r} and event.done == {at}:
                 os._exit(9)
@@ -62,10 +62,10 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     steps_per_layer = sum(len(anchor_candidates(k)) for k in (64, 64, 64, 64, 64, 64, 128))  # 6 linears read 64 inputs, down 128
     assert _run_and_die(source, out, "measure", steps_per_layer + 5, resume=False) == 9  # inside layer 2
     state = load_state(out / ".work")
-    assert state is not None and state.stage.value == "measure" and 1 <= state.layer <= 2
-    assert _run_and_die(source, out, "quantize", 4, resume=True) == 9  # layer 2, after its first tier
+    assert state is not None and state.stage.value == "measure" and state.blocks_done == 2  # layer 1's two blocks
+    assert _run_and_die(source, out, "quantize", 4, resume=True) == 9  # layer 1's MLP block, after its first tier
     state = load_state(out / ".work")
-    assert state.stage.value == "quantize" and state.layer == 1
+    assert state.stage.value == "quantize" and state.blocks_done == 1
     assert not any((out / t).exists() for t in ("3.0bpw", "4.0bpw", "6.0bpw"))
     run_quantize(_config(source, out, resume=True))
 
@@ -78,7 +78,7 @@ def test_finished_tiers_are_kept_and_existing_output_refused(tmp_path: Path) -> 
     source = write_random_model(tmp_path / "model", SyntheticSpec(tokenizer="spm", seed=12))
     out = tmp_path / "out"
     small = CalibrationSpec(rows=4, measure_rows=2, length=96, image_fraction=0.0)
-    config = QuantizeConfig(source, out, (4.0,), calibration=small, checkpoint_seconds=0)
+    config = QuantizeConfig(source, out, (4.0,), calibration=small)
     run_quantize(config)
     shard = next((out / "4.0bpw").glob("output-*.safetensors"))
     before = shard.stat().st_mtime_ns

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from runtime.cli import app
 from runtime.config import load_config
-from runtime.synthetic import DEMO_SPEC
+from runtime.demo.model import DEMO_SPEC
 
 runner = CliRunner()
 
@@ -20,12 +20,12 @@ def test_demo_model_then_info(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo-model", str(out)])
     assert result.exit_code == 0, result.output
     cfg = load_config(out)
-    assert cfg.text.num_hidden_layers == DEMO_SPEC.num_layers and cfg.text.vocab_size == 131072
+    assert cfg.text.num_hidden_layers == DEMO_SPEC.num_layers and cfg.text.vocab_size == 32768
     for name in ["tokenizer.json", "chat_template.json", "preprocessor_config.json", "generation_config.json"]:
         assert (out / name).is_file(), name
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0, info.output
-    assert "[IMG_BREAK] 12" in info.output
+    assert "[IMG_BREAK] 14" in info.output
 
     again = runner.invoke(app, ["demo-model", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output

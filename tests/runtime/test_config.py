@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, load_config, parameter_counts, parse_config, to_hf_dict
+from runtime.config import ConfigError, load_config, parse_config, to_hf_dict
+from runtime.model import parameter_counts
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 

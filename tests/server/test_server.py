@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from serving import ADMIN, API, KEYS, ScriptedBackend, running_server, swap_backend
 
+from runtime.demo.model import DEMO_SPEC, write_demo_model
 from runtime.server.config import ImagesConfig, LimitsConfig, ModelConfig, NetworkConfig, ServerConfig
-from runtime.synthetic import demo_spec, write_random_model
 
 CHAT = {"max_tokens": 8, "temperature": 0.0}
 
@@ -38,7 +38,7 @@ def image_part(url: str) -> dict:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     root = tmp_path_factory.mktemp("served") / "models"
-    write_random_model(root / "demo", demo_spec())
+    write_demo_model(root / "demo")
     (root / "tiny").symlink_to(tiny_model, target_is_directory=True)
     return root
 
@@ -56,16 +56,24 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS.api_key, max_retries=0, timeout=120)
 
 
-def test_chat_with_an_image_streamed_and_not(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": [image_part(data_url("noise")), {"type": "text", "text": "What is in this picture?"}]}]
-    reply = client.chat.completions.create(model="demo", messages=messages, **CHAT)
-    assert reply.object == "chat.completion" and reply.model == "demo" and reply.choices[0].message.content
-    assert reply.usage.prompt_tokens > 12 and reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+def test_chat_with_an_image_streamed_and_not(client: openai.OpenAI, models: Path) -> None:
+    """The served demo model answers a question about one of its example pictures, and says so again streamed."""
+    examples = models / "demo" / "examples"
+    question = json.loads((examples / "questions.jsonl").read_text().splitlines()[3])
+    url = "data:image/png;base64," + base64.b64encode((examples / question["image"]).read_bytes()).decode()
+    messages = [{"role": "user", "content": [image_part(url), {"type": "text", "text": question["question"]}]}]
+    reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=32, temperature=0.0)
+    assert reply.object == "chat.completion" and reply.model == "demo" and reply.choices[0].message.content == question["answer"]
+    assert reply.usage.prompt_tokens > 12 and 3 <= reply.usage.completion_tokens < 32 and reply.choices[0].finish_reason == "stop"
     chunks = list(client.chat.completions.create(model="demo", messages=messages, stream=True, stream_options={"include_usage": True}, **CHAT))
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" and c.created and c.model == "demo" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == reply.choices[0].message.content  # greedy: the same reply either way
-    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # second turn: prefix reused
+    assert text == question["answer"]  # greedy: the same reply either way
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # second turn: prefix reused
+    short = client.chat.completions.create(model="demo", messages=messages, max_tokens=2, temperature=0.0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    assert question["answer"].startswith(short.choices[0].message.content)
 
 
 def test_an_image_in_an_earlier_assistant_turn(client: openai.OpenAI, server) -> None:
@@ -80,10 +88,11 @@ def test_an_image_in_an_earlier_assistant_turn(client: openai.OpenAI, server) ->
 
 
 def test_text_completions_streamed_and_not(client: openai.OpenAI) -> None:
-    whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=0)
-    assert whole.object == "text_completion" and whole.usage.completion_tokens == 6
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6,
-                                                                             temperature=0, stream=True) if c.choices)  # fmt: skip
+    # the demo model may end a story at once: ignore_eos (a TabbyAPI field) makes the length certain
+    whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                                                             stream=True, extra_body={"ignore_eos": True}) if c.choices)  # fmt: skip
     assert streamed == whole.choices[0].text
 
 
@@ -110,7 +119,7 @@ def test_token_routes_equal_mistral_common(server) -> None:
 
     from runtime.model_files import bundled_tokenizer_path
 
-    oracle = MistralTokenizer.from_file(str(bundled_tokenizer_path("tekken"))).instruct_tokenizer.tokenizer
+    oracle = MistralTokenizer.from_file(str(bundled_tokenizer_path(DEMO_SPEC.tokenizer))).instruct_tokenizer.tokenizer
     for text in ["Hello, world!", " leading space", "naïve café 中文 😀\nline"]:
         encoded = httpx.post(f"{server.url}/v1/token/encode", json={"text": text}, headers=API).json()
         assert encoded["tokens"] == oracle.encode(text, bos=True, eos=False) and encoded["length"] == len(encoded["tokens"])

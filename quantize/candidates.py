@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from runtime.config import PixtralConfig
 from runtime.errors import OptionError
-from runtime.exl2_format import GroupPlan
+from runtime.exl2_format import GroupPlan, pad_columns
+from runtime.text import DECODER_LINEARS, layer_prefix
 
 WIDTH_PAIRS = ((3, 2), (4, 3), (5, 4), (6, 5), (8, 6))  # (hi, lo), every adjacent pair of EXL2 widths
 ANCHOR_FRACTIONS = (0.0, 0.1, 0.3, 0.6)  # measured shares of hi rows; 1.0 is the next pair's 0.0
@@ -93,3 +95,13 @@ def head_plan(rows: int, head_bits: int) -> GroupPlan:
     if hi_rows > 2 * share * rows:
         hi_rows = round(share * rows / ROW_STEP) * ROW_STEP
     return make_plan(rows, hi, lo, hi_rows, {hi: group, lo: group})
+
+
+def linear_shapes(cfg: PixtralConfig) -> dict[str, tuple[int, int]]:
+    """(rows K, padded columns N') of every decoder layer linear, by tensor prefix."""
+    shapes = {}
+    for index in range(cfg.text.num_hidden_layers):
+        for spec in DECODER_LINEARS:
+            out_features, in_features = spec.shape(cfg.text)
+            shapes[layer_prefix(index) + spec.name] = (in_features, pad_columns(out_features))
+    return shapes

@@ -3,40 +3,27 @@
 Our measurement.json holds, per decoder linear, the measured error of each anchor candidate. The
 errors along a linear's chain of candidates (cheapest to dearest) are made non-increasing by
 isotonic regression (more bits never hurt in expectation; this removes measurement noise), then
-interpolated over `hi_rows` to price every candidate of options.py. exllamav2's measurement.json
-(per-block rows of QParams with an accuracy) is accepted too: then each block chooses one of its rows.
+interpolated over `hi_rows` to price every candidate of candidates.py; allocate.py then picks one
+per linear. exllamav2's measurement.json (per-block rows of QParams with an accuracy) is accepted
+too: then each block chooses one of its rows, through exllamav2's own grouping rule.
 The budget is `int(numel · bpw)` over the decoder's layer linears, head excluded, as exllamav2.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from runtime.errors import UserError
 from runtime.exl2_format import GroupPlan, storage_bits
 
 from .allocate import Option, allocate
-from .layerwise import AnchorResult
-from .options import Candidate, all_candidates
+from .candidates import Candidate, all_candidates, make_plan
+from .measure import LinearMeasurement, MeasurementError
 
-MEASUREMENT_FORMAT = "pixtral-exl2-measurement"
 FINE_GROUP_ROWS = 32  # the finest scale groups refine_groups() makes
-MEASUREMENT_VERSION = 1
 
 
-class MeasurementError(UserError):
-    """A measurement file that does not fit the model or is not a measurement."""
-
-
-@dataclass(frozen=True)
-class LinearMeasurement:
-    rows: int  # K
-    columns: int  # N' (padded)
-    anchors: tuple[AnchorResult, ...]
 
 
 @dataclass(frozen=True)
@@ -138,47 +125,52 @@ def refine_groups(plans: dict[str, GroupPlan], columns: dict[str, int], left: in
 
 def minimum_bpw(shapes: dict[str, tuple[int, int]]) -> float:
     """The lowest bpw any layout reaches for these (rows, columns) shapes: everything at 2 bits."""
-    from .options import make_plan
-
     bits = sum(storage_bits(make_plan(k, 3, 2, 0), n) for k, n in shapes.values())
     return bits / sum(k * n for k, n in shapes.values())
 
 
-# --- measurement.json ------------------------------------------------------------------------
+# --- exllamav2's measurement.json ---------------------------------------------------------------
 
 
-def anchors_to_json(anchors: tuple[AnchorResult, ...] | list[AnchorResult]) -> list[dict[str, Any]]:
-    return [{"candidate": a.candidate.to_json(), "bits": a.bits, "error": a.error} for a in anchors]
+def is_exllamav2_measurement(data: dict[str, Any]) -> bool:
+    return isinstance(data.get("measurement"), dict)
 
 
-def anchors_from_json(entries: list[dict[str, Any]]) -> tuple[AnchorResult, ...]:
-    return tuple(AnchorResult(Candidate(*a["candidate"]), int(a["bits"]), float(a["error"])) for a in entries)
+def qparams_plan(qparams: dict[str, Any], rows: int) -> GroupPlan:
+    """exllamav2 QParams dict -> the GroupPlan its configure() produces for `rows` inputs."""
+    group_size = qparams["group_size"]
+    if not isinstance(group_size, dict):
+        group_size = {b: group_size for b in qparams["bits"]}
+    sizes = {int(b): int(s) for b, s in group_size.items()}
+    return GroupPlan.from_proportions(rows, [int(b) for b in qparams["bits"]], [float(p) for p in qparams["bits_prop"]], sizes)
 
 
-def measurement_to_json(measurements: dict[str, LinearMeasurement], meta: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format": MEASUREMENT_FORMAT,
-        "version": MEASUREMENT_VERSION,
-        **meta,
-        "linears": {
-            name: {"rows": m.rows, "columns": m.columns, "anchors": anchors_to_json(m.anchors)}
-            for name, m in sorted(measurements.items())
-        },
-    }
-
-
-def measurement_from_json(data: dict[str, Any], source: str) -> dict[str, LinearMeasurement]:
-    if data.get("format") != MEASUREMENT_FORMAT:
-        raise MeasurementError(f"{source}: not a pixtral-exl2 measurement")
-    return {
-        name: LinearMeasurement(int(entry["rows"]), int(entry["columns"]), anchors_from_json(entry["anchors"]))
-        for name, entry in data["linears"].items()
-    }
-
-
-def load_measurement(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise MeasurementError(f"{path}: cannot read measurement ({err})") from err
+def plan_tier_exllamav2(data: dict[str, Any], shapes: dict[str, tuple[int, int]], target_bpw: float, source: str) -> TierPlan:
+    """Choose one measured row per block so the decoder lands near `target_bpw`."""
+    blocks: dict[str, list[str]] = {}
+    for prefix in shapes:
+        block, _, linear = prefix.rpartition(".")
+        blocks.setdefault(block, []).append(linear)
+    slots, plans_per_slot = [], []
+    for block in sorted(blocks):
+        rows = data["measurement"].get(block)
+        if not rows:
+            raise MeasurementError(f"{source}: no measurement for {block} (is it for this model?)")
+        options, plans = [], []
+        for row in rows:
+            try:
+                plan = {lin: qparams_plan(row[lin], shapes[f"{block}.{lin}"][0]) for lin in blocks[block]}
+            except KeyError as err:
+                raise MeasurementError(f"{source}: {block} row lacks {err}") from err
+            bits = sum(storage_bits(plan[lin], shapes[f"{block}.{lin}"][1]) for lin in plan)
+            error = (1.0 - float(row["accuracy"])) ** 2  # our objective: squared relative error
+            options.append(Option(bits, error))
+            plans.append(plan)
+        slots.append(options)
+        plans_per_slot.append((block, plans))
+    numel = sum(k * n for k, n in shapes.values())
+    choice = allocate(slots, int(numel * target_bpw))
+    chosen: dict[str, GroupPlan] = {}
+    for (block, plans), index in zip(plans_per_slot, choice):
+        chosen.update({f"{block}.{lin}": plan for lin, plan in plans[index].items()})
+    return finish_tier(target_bpw, chosen, {name: n for name, (_, n) in shapes.items()}, int(numel * target_bpw), numel)

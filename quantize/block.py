@@ -1,0 +1,110 @@
+"""One block of one decoder layer over the calibration rows.
+
+A layer has two blocks, attention (`self_attn`) and MLP (`mlp`), each with a residual, handled on
+their own as exllamav2 does: Hessians come from the block's input, the block is quantized, and its
+(quantized) output is the next block's input. Rows arrive one at a time from the stream store (CPU,
+fp16); for the many passes of a measurement they are kept on the compute device (`resident`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from runtime.config import TextConfig
+from runtime.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
+
+from .compute import Compute
+from .hessian import HessianAccumulator, collect_hessians
+
+BLOCKS = ("self_attn", "mlp")
+RESIDUAL_LINEARS = ("self_attn.o_proj", "mlp.down_proj")  # output straight into the residual
+
+
+def block_specs(block: str) -> list[LinearSpec]:
+    return [spec for spec in DECODER_LINEARS if spec.module == block]
+
+
+class BlockRunner:
+    """Runs one block of one layer over row states ([L, hidden] each)."""
+
+    def __init__(self, layer: DecoderLayer, text: TextConfig, length: int, compute: Compute):
+        self.layer = layer.to(device=compute.device, dtype=compute.dtype)
+        self.compute = compute
+        positions = torch.arange(length, device=compute.device)
+        self.cos, self.sin = rope_cos_sin(positions, text.head_dim, text.rope_theta, compute.dtype)
+
+    def resident(self, states: Sequence[Tensor]) -> list[Tensor]:
+        """The rows on the compute device, once (a measurement runs every anchor over them)."""
+        return [s.to(self.compute.device, self.compute.dtype) for s in states]
+
+    def forward(self, block: str, x: Tensor) -> Tensor:
+        """x [1, L, hidden] on device -> block output (residual included)."""
+        if block == "self_attn":
+            return self.layer.attention_block(x, self.cos, self.sin)
+        return self.layer.mlp_block(x)
+
+    @torch.no_grad()
+    def run(self, block: str, states: Sequence[Tensor], on_device: bool = False) -> list[Tensor]:
+        """Block outputs for every row: back on the CPU in fp16, or kept on the device."""
+        outputs = []
+        for s in states:
+            y = self.forward(block, s.to(self.compute.device, self.compute.dtype)[None])[0]
+            outputs.append(y if on_device else y.half().cpu())
+        return outputs
+
+    @torch.no_grad()
+    def hessians(self, block: str, states: Sequence[Tensor], weights: Sequence[Tensor] | None = None,
+                 on_device: bool = False, keep_outputs: bool = True) -> tuple[dict[str, HessianAccumulator], list[Tensor]]:  # fmt: skip
+        """The Hessian accumulator of each input group of the block (tokens weighted by `weights`,
+        one [L] per row), and the block's outputs with the current weights (without `keep_outputs`,
+        each pass stops once the last linear's input is in: its output would be thrown away)."""
+        last = self.layer.get_submodule(block_specs(block)[-1].name)
+        with collect_hessians(self.layer, block_specs(block), self.compute.device) as accumulators:
+            stop = None if keep_outputs else last.register_forward_pre_hook(_stop)
+            outputs = []
+            try:
+                for index, state in enumerate(states):
+                    for accumulator in accumulators.values():
+                        accumulator.token_weight = None if weights is None else weights[index]
+                    try:
+                        outputs += self.run(block, [state], on_device)
+                    except _Enough:
+                        pass
+            finally:
+                if stop is not None:
+                    stop.remove()
+        return accumulators, outputs
+
+    @torch.no_grad()
+    def squared_error(self, block: str, states: Sequence[Tensor], reference: Sequence[Tensor],
+                      weights: Sequence[Tensor] | None = None) -> float:  # fmt: skip
+        """Σ over rows and tokens of w·‖y − y_ref‖² (w = 1 without `weights`)."""
+        total = 0.0
+        for index, (s, ref) in enumerate(zip(states, reference)):
+            y = self.forward(block, s.to(self.compute.device, self.compute.dtype)[None])[0].float()
+            per_token = ((y - ref.to(y.device).float()) ** 2).sum(-1)
+            total += float(per_token.sum() if weights is None else (per_token * weights[index].to(y.device)).sum())
+        return total
+
+    def set_weight(self, name: str, weight: Tensor) -> None:
+        self.layer.get_submodule(name).weight.data = weight.to(self.compute.device, self.compute.dtype)
+
+
+class _Enough(Exception):
+    """Raised by a hook once the last linear's input was accumulated."""
+
+
+def _stop(module: torch.nn.Module, args: tuple) -> None:
+    raise _Enough
+
+
+def energy(reference: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> float:
+    """Σ w·‖y_ref‖²: what a block's squared error is relative to."""
+    total = 0.0
+    for index, ref in enumerate(reference):
+        per_token = (ref.float() ** 2).sum(-1)
+        total += float(per_token.sum() if weights is None else (per_token * weights[index].to(ref.device)).sum())
+    return max(total, 1e-30)

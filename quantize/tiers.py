@@ -1,0 +1,174 @@
+"""QUANTIZE: every tier, GPTQ of each block with the tier's layouts on the tier's own (already
+quantized) stream, so each layer is calibrated on the inputs it will really see; then each head.
+
+Block by block: an fp16 reference stream of the measurement rows advances too (for the calibration
+KL), then each tier's block is quantized and run; a checkpoint follows every block.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from runtime.exl2_format import GroupPlan, bits_per_weight
+from runtime.model import load_layer
+from runtime.progress import Progress
+from runtime.text import RMSNorm, layer_prefix
+from runtime.weights import Checkpoint
+
+from .block import BLOCKS, BlockRunner, block_specs
+from .candidates import head_plan, linear_shapes
+from .compute import Compute
+from .gptq import GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
+from .hessian import HessianAccumulator
+from .job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
+from .measure import load_measurement, measurement_from_json
+from .plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
+from .streams import EMBED, next_location, save_tensors
+
+HEAD = "language_model.lm_head"
+
+KL_POSITIONS = 64  # positions per row the calibration KL is taken at (its reference is kept for every tier)
+
+
+def quantize_block(
+    runner: BlockRunner, block: str, states: Iterable[Tensor], plans: dict[str, GroupPlan], weights: Sequence[Tensor] | None = None
+) -> dict[str, dict[str, Tensor]]:
+    """GPTQ every linear of the block with its layout; the runner's layer then holds the quantized
+    weights (run it for the block's outputs). Returns the EXL2 tensors per linear."""
+    accumulators, _ = runner.hessians(block, states, weights, keep_outputs=False)
+    prepared = {group: prepare_hessian(acc.result(), runner.compute.damp) for group, acc in accumulators.items()}
+    tensors = {}
+    for spec in block_specs(block):
+        weight = runner.layer.get_submodule(spec.name).weight.data
+        result = gptq_quantize(weight, prepared[spec.hessian_group], plans[spec.name], group=runner.compute.group)
+        tensors[spec.name] = pack_exl2(result, plans[spec.name])
+        runner.set_weight(spec.name, result.weight)
+    return tensors
+
+
+def kl_positions(length: int) -> Tensor:
+    return torch.linspace(0, length - 1, min(KL_POSITIONS, length)).round().long()
+
+
+class HeadQuantizer:
+    """The output head of every tier (GPTQ on the tier's final-norm outputs) and each tier's KL to
+    fp16 on the measurement rows; the fp16 reference distributions are computed once."""
+
+    def __init__(self, norm: torch.nn.Module, W: Tensor, compute: Compute):
+        self.norm, self.W, self.compute = norm, W, compute
+        self.reference: list[Tensor] = []  # per measurement row: fp16 log-probs at kl_positions
+
+    def add_reference(self, state: Tensor) -> None:
+        x = self.norm(state.to(self.compute.device, self.compute.dtype))[kl_positions(state.shape[0])]
+        self.reference.append(F.log_softmax((x @ self.W.T).float(), -1).half())
+
+    def quantize(self, states: Iterable[Tensor], plan: GroupPlan, weights: Sequence[Tensor] | None) -> GPTQResult:
+        accumulator = HessianAccumulator(self.W.shape[1], self.compute.device)
+        for index, state in enumerate(states):
+            accumulator.token_weight = weights[index] if weights else None
+            accumulator.add(self.norm(state.to(self.compute.device, self.compute.dtype)))
+        return gptq_quantize(self.W, prepare_hessian(accumulator.result(), self.compute.damp), plan, group=self.compute.group)
+
+    def kl(self, states: Iterable[Tensor], weight: Tensor) -> float:
+        """Mean over the measurement rows' sampled positions of KL(fp16 ‖ tier)."""
+        Wq = weight.to(self.compute.device, self.compute.dtype)
+        total = count = 0.0
+        for reference, state in zip(self.reference, states):
+            x = self.norm(state.to(self.compute.device, self.compute.dtype))[kl_positions(state.shape[0])]
+            log_q = F.log_softmax((x @ Wq.T).float(), -1)
+            log_p = reference.float()
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += log_p.shape[0]
+        return total / max(count, 1)
+
+
+def run_tiers(ctx: JobContext, state: JobState) -> JobState:
+    """QUANTIZE: allocate every tier's layouts (once), then block by block, then the heads."""
+    if not state.tiers:
+        state = replace(state, tiers=allocate_tiers(ctx))
+        save_state(ctx.work, state)
+    rows, count, tiers = ctx.config.calibration.rows, ctx.config.calibration.measure_rows, sorted(state.tiers)
+    weights = ctx.token_weights(rows)
+    length = ctx.config.calibration.length
+    with Checkpoint(ctx.config.model_dir) as ckpt:
+        base = None
+        for index in range(state.blocks_done, 2 * ctx.layers):
+            layer, which = divmod(index, 2)
+            block = BLOCKS[which]
+            if base is None or which == 0:
+                base = load_layer(ckpt, ctx.cfg, layer)
+            streams = dict(state.streams)
+            reference = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
+            streams["ref"] = _advance(ctx, reference, block, "ref", streams.get("ref", f"{EMBED}:0"), count)
+            for done, tier in enumerate(tiers, start=1):
+                runner = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
+                source = streams.get(tier, f"{EMBED}:0")
+                plans = {s.name: state.tiers[tier].plan(layer_prefix(layer) + s.name) for s in block_specs(block)}
+                tensors = quantize_block(runner, block, ctx.store.rows(source, rows), plans, weights)
+                folder = ctx.work / "quantized" / tier
+                folder.mkdir(parents=True, exist_ok=True)
+                save_tensors(folder / f"layer-{layer}-{block}.safetensors",
+                             {f"{layer_prefix(layer)}{n}.{k}": v for n, d in tensors.items() for k, v in d.items()})  # fmt: skip
+                streams[tier] = _advance(ctx, runner, block, tier, source, rows)
+                ctx.progress(Progress("quantize", index * len(tiers) + done, 2 * ctx.layers * len(tiers), f"layer {layer + 1}/{ctx.layers}, {tier}"))
+            state = replace(state, blocks_done=index + 1, streams=streams)
+            save_state(ctx.work, state)
+        return quantize_heads(ctx, ckpt, state, weights)
+
+
+def _advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, source: str, count: int) -> str:
+    """Run the block over a stream's rows, one at a time, into its other buffer; return that buffer."""
+    target = next_location(stream, source)
+    for row, state in enumerate(ctx.store.rows(source, count)):
+        ctx.store.write(target, row, runner.run(block, [state])[0])
+    return target
+
+
+def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
+    """Every tier's layout per linear, from our measurement or exllamav2's."""
+    source = ctx.config.measurement or Path(ctx.config.out_dir) / MEASUREMENT_FILE
+    data, shapes = load_measurement(source), linear_shapes(ctx.cfg)
+    out = {}
+    for bpw in sorted(ctx.config.tiers):
+        if is_exllamav2_measurement(data):
+            tier = plan_tier_exllamav2(data, shapes, bpw, str(source))
+        else:
+            tier = plan_tier(measurement_from_json(data, str(source)), bpw)
+        plans = {name: plan.groups for name, plan in tier.plans.items()}
+        out[tier_name(bpw)] = TierState(tier_name(bpw), bpw, tier.bits, tier.numel, plans)
+    return out
+
+
+@torch.no_grad()
+def quantize_heads(ctx: JobContext, ckpt: Checkpoint, state: JobState, weights: list[Tensor] | None) -> JobState:
+    """Each tier's head on its final stream, and its calibration KL against the fp16 reference."""
+    norm = RMSNorm(ctx.cfg.text.hidden_size, ctx.cfg.text.rms_norm_eps).to(ctx.compute.device)
+    norm.weight.data = ckpt.get("language_model.model.norm.weight").to(ctx.compute.device, ctx.compute.dtype)
+    heads = HeadQuantizer(norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute)
+    count, rows = ctx.config.calibration.measure_rows, ctx.config.calibration.rows
+    for row in ctx.store.rows(state.streams.get("ref", f"{EMBED}:0"), count):
+        heads.add_reference(row)
+    tiers = dict(state.tiers)
+    for done, name in enumerate(sorted(tiers), start=1):
+        if tiers[name].head_bpw is not None:
+            continue  # done before an interruption
+        location = state.streams.get(name, f"{EMBED}:0")
+        plan = head_plan(heads.W.shape[1], ctx.config.head_bits)
+        result = heads.quantize(ctx.store.rows(location, rows), plan, weights)
+        save_tensors(ctx.work / "quantized" / name / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})
+        kl = heads.kl(ctx.store.rows(location, count), result.weight)
+        tiers[name] = replace(tiers[name], head_bpw=bits_per_weight(plan, result.codes.shape[1]), calibration_kl=kl)
+        state = replace(state, tiers=tiers)
+        save_state(ctx.work, state)
+        ctx.progress(Progress("quantize heads", done, len(tiers), name))
+    if not ctx.config.keep_work:
+        for stream in ("ref", *tiers, EMBED):
+            ctx.store.remove(stream)  # every tier has its layers and head: the row states are done with
+    return state

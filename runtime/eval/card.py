@@ -1,0 +1,126 @@
+"""The README.md model card of an EXL2 tier, in the style of Hugging Face EXL2 cards, with numbers.
+
+`quantize` writes it with what it knows (bpw, size, head bits, calibration, the calibration-set KL);
+`eval` rewrites it with the measured quality table and plot of every tier evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..outputs import OutputError, update_owned_files
+from .run import ModelScore
+
+PLOT_FILE = "quality.png"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def quality_table(scores: list[ModelScore], highlight: str | None = None) -> str:
+    rows = ["| model | decoder bpw | size | task accuracy | image KL | image top-1 | text KL | text PPL | MC accuracy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for s in scores:
+        name = f"**{s.name}**" if s.name == highlight else s.name
+        rows.append(f"| {name} | {_number(s.bpw, 3) if s.bpw else '16 (fp16)'} | {_size(s.size_bytes)} | {_number(s.task_accuracy, 3)} | "
+                    f"{_number(s.image_kl)} | {_number(s.image_top1, 3)} | {_number(s.text_kl)} | {_number(s.text_ppl, 3)} | "
+                    f"{_number(s.choice_accuracy, 3)} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def render_card(tier: str, quant: dict[str, Any], size_bytes: int, scores: list[ModelScore] | None = None,
+                eval_notes: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """Markdown for the tier directory named `tier` (e.g. 4.0bpw)."""
+    source = quant.get("source_model", "the source model")
+    calibration = quant.get("calibration", {})
+    head = quant.get("head_bpw") or quant.get("head_bits")
+    parts = [
+        "---",
+        "library_name: exllamav2",
+        "pipeline_tag: image-text-to-text",
+        "tags: [exl2, pixtral, vision, quantized]",
+        f"base_model: {source}",
+        "---",
+        "",
+        f"# {source} — EXL2 {quant.get('bits', '?')} bpw",
+        "",
+        f"EXL2 quantization of **{source}** made with pixtral-exl2 ({quant.get('quantizer', '')}), loadable by exllamav2 "
+        f"{quant.get('version', '0.3.2')} as is. The decoder is quantized; the vision tower, the multimodal projector, the "
+        "embeddings and the norms are copied bit-identical from the source.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| decoder bits per weight | {_number(quant.get('decoder_bpw'), 3)} (target {quant.get('bits')}) |",
+        f"| output head | {_number(head, 2) if isinstance(head, (int, float)) else head} bpw |",
+        f"| weights on disk | {_size(size_bytes)} |",
+        "| kept fp16 | vision tower, projector, token embeddings, norms |",
+        f"| calibration | {calibration.get('rows', '?')} rows × {calibration.get('length', '?')} tokens, {calibration.get('images', 0)} images; "
+        f"{calibration.get('dataset', '?')} |",
+        f"| image-token Hessian weight | {calibration.get('image_token_weight', 1.0)} |",
+        f"| calibration-set KL vs fp16 | {_number(quant.get('calibration_kl'), 5)} (last-layer logits on the calibration rows) |",
+        "",
+        "## Quality",
+        "",
+    ]
+    if scores:
+        parts += [f"Measured with `pixtral-exl2 eval` against the fp16 source ({_notes(eval_notes)}). Lower KL is closer to fp16.", "",
+                  quality_table(scores, tier), "", f"![quality against bpw]({PLOT_FILE})", ""]  # fmt: skip
+    else:
+        parts += ["Not measured yet beyond the calibration set: run `pixtral-exl2 eval SOURCE_DIR THIS_DIR` to add the quality "
+                  "table (perplexity and KL on text, KL and top-1 agreement on image prompts) and its plot to this card.", ""]  # fmt: skip
+    parts += _how_to_run(tier)
+    return "\n".join(parts) + "\n"
+
+
+def _notes(notes: dict[str, Any] | None) -> str:
+    if not notes:
+        return "default sets"
+    return ", ".join(f"{v} {k}" for k, v in notes.items() if v)
+
+
+def _how_to_run(tier: str) -> list[str]:
+    return [
+        "## Run it",
+        "",
+        "```bash",
+        "pip install pixtral-exl2            # with a CUDA torch first for the exllamav2 backend",
+        f"pixtral-exl2 chat {tier}            # local chat; /image PATH attaches a picture",
+        f"pixtral-exl2 serve {tier}           # OpenAI/TabbyAPI-compatible server on :5000",
+        "```",
+        "",
+        "A TabbyAPI-style `config.yml` for `pixtral-exl2 serve --config config.yml` (the folder holding this tier is the model dir):",
+        "",
+        "```yaml",
+        "model:",
+        "  model_dir: models",
+        f"  model_name: {tier}",
+        "  max_seq_len: 16384",
+        "  cache_mode: Q8",
+        "  vision: true",
+        "```",
+        "",
+        "Images go to the chat template as `[IMG]…[IMG_BREAK]…[IMG_END]` grids exactly as mistral-common lays them out "
+        "(16-px grid, no extra `[IMG_BREAK]`), not through exllamav2's own Pixtral processor.",
+    ]
+
+
+def refresh_cards(source_name: str, tiers: list[Path], scores: list[ModelScore], sets: dict[str, int], plot: bytes, force: bool) -> list[str]:
+    """Rewrite each tier's README.md and quality.png with the measured table; returns the tiers whose
+    card was left alone (edited by someone since we wrote it, unless `force`)."""
+    refused = []
+    for score, tier in zip(scores[1:], tiers):
+        quant = json.loads((tier / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+        quant = {"source_model": source_name, **quant}
+        card = render_card(tier.name, quant, score.size_bytes, scores, sets)
+        try:
+            update_owned_files(tier, {"README.md": card.encode("utf-8"), PLOT_FILE: plot}, force)
+        except OutputError as err:
+            refused.append(str(err))
+    return refused
