@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import USER_ERRORS, app, console, err_console, human_bytes, user_message
 
@@ -93,7 +94,7 @@ def chat(
             if not _command(session, line):
                 return
         except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {user_message(err)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(user_message(err))}", highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
             err_console.print("[dim](interrupted; the conversation is as before this message)[/]")
 
@@ -113,7 +114,7 @@ def _command(session, line: str) -> bool:
             raise ChatError("/image needs a file path")
         image = session.attach(rest)
         rows, cols = image.grid
-        console.print(f"[dim]attached {rest} ({cols}×{rows} patches, {rows * (cols + 1)} tokens) to the next message[/]")
+        console.print(f"[dim]attached {escape(rest)} ({cols}×{rows} patches, {rows * (cols + 1)} tokens) to the next message[/]")
     elif word == "/system":
         session.set_system(rest)
         console.print("[dim]system prompt " + ("set" if rest else "cleared") + "[/]")
@@ -121,7 +122,7 @@ def _command(session, line: str) -> bool:
         session.reset()
         console.print("[dim]conversation cleared[/]")
     elif word == "/save":
-        console.print(f"[dim]saved to {session.save(rest or 'chat.json')}[/]")
+        console.print(f"[dim]saved to {escape(str(session.save(rest or 'chat.json')))}[/]")
     elif word == "/load":
         if not rest:
             raise ChatError("/load needs a file path")

@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer._click.exceptions import ClickException
 from typer.core import TyperGroup
 
@@ -34,7 +35,7 @@ PLAIN_PROGRESS_SECONDS = 10.0  # without a terminal, one line per stage at most 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `error: message` on stderr; return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(code)
 
 

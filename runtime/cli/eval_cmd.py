@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from .common import app, console, err_console, human_bytes, progress_display
@@ -28,6 +29,26 @@ def tier_dirs(paths: list[Path]) -> list[Path]:
         else:
             raise OptionError(f"{path}: not a model directory nor a quantize output folder (no config.json, no *bpw/ tiers)")
     return sorted(dict.fromkeys(tiers), key=lambda p: float(p.name.removesuffix("bpw")) if p.name.endswith("bpw") else 99.0)
+
+
+def check_pairing(source: Path, tiers: list[Path]) -> None:
+    """The source is an unquantized model and every tier an EXL2 quantization of that architecture."""
+    from runtime.config import load_config
+    from runtime.errors import OptionError
+
+    source_config = load_config(source)
+    if "quantization_config" in source_config.extra:
+        raise OptionError(f"{source}: is an EXL2 checkpoint; the first argument is the fp16/bf16 source the tiers were made from")
+    for tier in tiers:
+        if tier.resolve() == source.resolve():
+            raise OptionError(f"{tier}: is the source itself; give the EXL2 tiers made from it")
+        tier_config = load_config(tier)
+        if "quantization_config" not in tier_config.extra:
+            raise OptionError(f"{tier}: not an EXL2 checkpoint (config.json has no quantization_config)")
+        if tier_config.text != source_config.text:
+            raise OptionError(f"{tier}: its decoder ({tier_config.text.num_hidden_layers} layers × {tier_config.text.hidden_size}, "
+                              f"vocabulary {tier_config.text.vocab_size}) is not the source's ({source_config.text.num_hidden_layers} × "
+                              f"{source_config.text.hidden_size}, {source_config.text.vocab_size})")  # fmt: skip
 
 
 def build_eval_set(source: Path, texts: list[Path] | None, choices: Optional[Path], samples: int):
@@ -74,6 +95,7 @@ def evaluate_command(
     from runtime.progress import Progress
 
     tier_paths = tier_dirs(tiers)
+    check_pairing(source, tier_paths)
     plot_path = plot or tier_paths[0].parent / "quality.png"
     for output in (plot_path, as_json):
         if output is not None:
@@ -87,13 +109,13 @@ def evaluate_command(
     _print_table(scores)
     image = quality_plot(scores, f"{source.name}: EXL2 tiers against fp16")
     atomic_write_bytes(plot_path, image)
-    console.print(f"plot: {plot_path}")
+    console.print(f"plot: {plot_path}", markup=False)
     if as_json:
         atomic_write_bytes(as_json, (json.dumps({"source": str(source), "sets": eval_set.describe(), "models": [s.to_json() for s in scores]},
                                                 indent=2) + "\n").encode())  # fmt: skip
     if card:
         for warning in refresh_cards(source.name, tier_paths, scores, eval_set.describe(), image, force):
-            err_console.print(f"[yellow]card not refreshed:[/] {warning}", soft_wrap=True)
+            err_console.print(f"[yellow]card not refreshed:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _print_table(scores) -> None:

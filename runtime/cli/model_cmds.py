@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import app, console, fail, human_bytes, human_count, progress_display
@@ -54,7 +55,7 @@ def demo_model(
 
     with console.status("writing the demo model"):
         write_demo_model(out_dir, force=force)
-    console.print(f"demo model written to [bold]{out_dir}[/]; pictures to ask about, with questions and answers, in {out_dir}/examples/")
+    console.print(f"demo model written to [bold]{escape(str(out_dir))}[/]; pictures to ask about, with questions and answers, in {escape(str(out_dir))}/examples/")
 
 
 @app.command()
@@ -109,5 +110,5 @@ def convert(
         raise fail(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     with progress_display() as on_progress:
         cfg = convert_checkpoint(src, dst, dtype, shard_size, force, lambda done, total: on_progress(Progress("convert", done, total)))
-    console.print(f"converted to [bold]{dst}[/]: {cfg.text.num_hidden_layers} decoder layers, vision {cfg.vision.num_hidden_layers} layers, "
+    console.print(f"converted to [bold]{escape(str(dst))}[/]: {cfg.text.num_hidden_layers} decoder layers, vision {cfg.vision.num_hidden_layers} layers, "
                   f"projector bias {cfg.projector_bias}")  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import app, console, fail
 
@@ -32,7 +33,7 @@ def serve(
     if write_config is not None:
         check_output(write_config, False, "serve")
         shutil.copyfile(SAMPLE_CONFIG, write_config)
-        console.print(f"sample config written to [bold]{write_config}[/]")
+        console.print(f"sample config written to [bold]{escape(str(write_config))}[/]")
         return
     settings = load_server_config(config)
     model_dir, model_name = _model_location(model)
@@ -69,13 +70,13 @@ def _run(settings) -> None:
         path = Path(settings.network.api_tokens_file)
         keys, created = load_or_create_keys(path)
         if created:
-            console.print(f"new API keys written to [bold]{path}[/] (mode 0600):\n  api key   {keys.api_key}\n  admin key {keys.admin_key}")
+            console.print(f"new API keys written to [bold]{escape(str(path))}[/] (mode 0600):\n  api key   {keys.api_key}\n  admin key {keys.admin_key}")
         else:
-            console.print(f"API keys from [bold]{path}[/]")
+            console.print(f"API keys from [bold]{escape(str(path))}[/]")
     name = settings.model.model_name
     if name:
         ModelHost(settings).path_of(name)  # a bad name fails here, with exit 2, not inside uvicorn
     where = f"http://{settings.network.host}:{settings.network.port}"
-    console.print(f"serving {'model ' + name if name else 'no model yet (POST /v1/model/load)'} from {settings.model.model_dir} on {where}"
+    console.print(f"serving {escape('model ' + name) if name else 'no model yet (POST /v1/model/load)'} from {escape(str(settings.model.model_dir))} on {where}"
                   f"{' [bold red](auth disabled)[/]' if keys is None else ''}")  # fmt: skip
     serve_forever(settings, keys, name)

@@ -26,6 +26,8 @@ TRAIN_SEED, CALIBRATION_SEED, EVAL_SEED = 1, 2, 3
 
 @dataclass(frozen=True)
 class Thing:
+    """One shape in a scene: which shape, which colour, which quadrant (cell)."""
+
     shape: str
     colour: str
     cell: str

@@ -65,9 +65,13 @@ def test_eval_leaves_an_edited_card_alone_without_force(quantized: tuple[Path, P
 
 
 def test_eval_refuses_what_is_not_a_tier(quantized: tuple[Path, Path], tmp_path: Path) -> None:
-    demo, _ = quantized
+    demo, out = quantized
     result = runner.invoke(app, ["eval", str(demo), str(tmp_path)])
     assert result.exit_code == 2 and "not a model directory" in result.output
+    result = runner.invoke(app, ["eval", str(demo), str(demo)])
+    assert result.exit_code == 2 and "is the source itself" in result.output
+    result = runner.invoke(app, ["eval", str(out / "4.0bpw"), str(out / "2.5bpw")])
+    assert result.exit_code == 2 and "is an EXL2 checkpoint" in result.output
 
 
 def test_a_chat_on_a_tier_answers_about_a_drawn_picture(quantized: tuple[Path, Path]) -> None:
