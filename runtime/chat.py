@@ -55,8 +55,7 @@ class ChatSession:
     def attach(self, path: str | Path) -> PromptImage:
         """Queue an image for the next message (read and checked now)."""
         path = Path(path).expanduser()
-        if not self.engine.backend.has_vision:
-            raise ChatError("this model has no vision tower; it cannot take images")
+        self.engine.require_vision()
         image = self._load_image(path)
         self.pending.append(path)
         return image

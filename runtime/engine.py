@@ -131,9 +131,14 @@ class Engine:
     def chat_prompt(self, messages: list[dict[str, Any]], images: Sequence[PromptImage] = (), tools: list[dict[str, Any]] | None = None,
                     continue_final_message: bool = False) -> Prompt:  # fmt: skip
         """The prompt of a conversation whose image parts are `images` (in order)."""
-        if images and not self.backend.has_vision:
-            raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
+        if images:
+            self.require_vision()
         return chat_prompt(self.tokenizer, messages, images, tools, continue_final_message)
+
+    def require_vision(self) -> None:
+        """Refuse images on a model without a vision tower."""
+        if not self.backend.has_vision:
+            raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
 
     def check_fits(self, prompt: Prompt) -> int:
         """Refuse an empty prompt or one that leaves no room for a new token; return the room left."""
@@ -148,8 +153,8 @@ class Engine:
     def stream(self, prompt: Prompt, params: GenerationParams = GenerationParams()) -> Iterator[Chunk]:
         """Generate, yielding chunks as text becomes final; the last chunk has finish_reason and usage."""
         room = self.check_fits(prompt)
-        if prompt.images and not self.backend.has_vision:
-            raise ImageError("this model has no vision tower; it cannot take images")
+        if prompt.images:
+            self.require_vision()
         budget = min(room, params.max_new_tokens) if params.max_new_tokens is not None else room
         eos = set() if params.ignore_eos else {self.tokenizer.eos_id}
         stop_ids = frozenset(eos | set(params.stop_token_ids))

@@ -56,6 +56,6 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def kv_bytes_per_token(cfg: TextConfig, dtype: torch.dtype) -> int:
-    """Bytes the cache needs for one more position."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+def kv_bytes_per_token(cfg: TextConfig, bits: int) -> int:
+    """Bytes the cache needs for one more position, keys and values of `bits` each (16: fp16/bf16)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bits // 8

@@ -77,11 +77,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-    drop_sorted = before >= p
-    drop_sorted[0] = False
-    return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return _keep_leading_mass(logits, order, torch.softmax(sorted_logits, dim=-1), p)
 
 
 def min_p_filter(logits: Tensor, p: float) -> Tensor:
@@ -101,10 +97,15 @@ def typical_filter(logits: Tensor, mass: float) -> Tensor:
     entropy = -(probs * torch.nan_to_num(log_probs, neginf=0.0)).sum()
     deviation = (-log_probs - entropy).abs()
     order = torch.argsort(deviation)
-    before = torch.cumsum(probs[order], dim=-1) - probs[order]
-    drop_sorted = before >= mass
-    drop_sorted[0] = False
-    return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return _keep_leading_mass(logits, order, probs[order], mass)
+
+
+def _keep_leading_mass(logits: Tensor, order: Tensor, ordered_probs: Tensor, mass: float) -> Tensor:
+    """Keep tokens in `order` until their probability reaches `mass` (the first always kept)."""
+    before = torch.cumsum(ordered_probs, dim=-1) - ordered_probs  # mass of the tokens ahead in order
+    drop_ordered = before >= mass
+    drop_ordered[0] = False
+    return logits.masked_fill(torch.zeros_like(drop_ordered).scatter(0, order, drop_ordered), float("-inf"))
 
 
 def logits_to_probs(logits: Tensor, history: Sequence[int], params: SamplingParams) -> Tensor:

@@ -8,13 +8,19 @@ engine's, so both backends behave the same to every caller.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+import torch
 from torch import Tensor
 
-from ..prompt import Prompt
+from ..model import PixtralModel
+from ..prompt import Prompt, PromptImage
 from ..sampling import SamplingParams
+
+Encoded = TypeVar("Encoded")
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,35 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release the model (the server's unload)."""
+
+
+class ImageCache(Generic[Encoded]):
+    """What a backend keeps per picture (features, an embedding object), by content hash, the
+    least recently used dropped beyond `size`: a picture in a later turn is not encoded again."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._entries: OrderedDict[str, Encoded] = OrderedDict()
+
+    def lookup(self, images: Sequence[PromptImage], encode: Callable[[list[PromptImage]], list[Encoded]]) -> tuple[list[Encoded], int]:
+        """One entry per image, in order; `encode` gets the missing pictures (each once) in one call.
+        Returns the entries and how many pictures were encoded."""
+        missing = list({image.key: image for image in images if image.key not in self._entries}.values())
+        if missing:
+            for image, entry in zip(missing, encode(missing)):
+                self._entries[image.key] = entry
+        for image in images:
+            self._entries.move_to_end(image.key)
+        found = [self._entries[image.key] for image in images]
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return found, len(missing)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def encode_images(model: PixtralModel, images: list[PromptImage], device: torch.device | str) -> list[Tensor]:
+    """Projected features of each picture [patches, text hidden], all in one block-diagonal pass."""
+    pixels = [torch.from_numpy(image.pixels).to(device) for image in images]
+    return list(torch.split(model.image_features(pixels), [image.patches for image in images]))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,12 +27,13 @@ from torch import Tensor
 
 from ..config import load_config
 from ..errors import OptionError, UserError
+from ..kv_cache import kv_bytes_per_token
 from ..model import PixtralModel, load_module
 from ..prompt import Prompt, PromptImage
 from ..sampling import SamplingParams
 from ..tokenizer import PixtralTokenizer
 from ..weights import Checkpoint
-from .base import Backend, GenerationRequest, PrefillStats, TokenStep, TokenStream
+from .base import Backend, GenerationRequest, ImageCache, PrefillStats, TokenStep, TokenStream, encode_images
 
 CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
 IMAGE_CACHE_SIZE = 32
@@ -69,7 +69,7 @@ class ExLlamaV2Backend(Backend):
         self.tokenizer = ex.ExLlamaV2Tokenizer(config)
         self.generator = ExLlamaV2DynamicGenerator(self.model, self.cache, self.tokenizer, max_batch_size=max_batch_size)
         self._load_vision(Path(model_dir))
-        self._embeddings: OrderedDict[str, Any] = OrderedDict()  # image hash -> ExLlamaV2MMEmbedding
+        self._embeddings: ImageCache[Any] = ImageCache(IMAGE_CACHE_SIZE)  # image hash -> ExLlamaV2MMEmbedding
         self._commands: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name="exllamav2-generator", daemon=True)
         self._worker.start()
@@ -98,20 +98,13 @@ class ExLlamaV2Backend(Backend):
         """One ExLlamaV2MMEmbedding per image (cached by hash); new ones in one block-diagonal pass."""
         from exllamav2.generator import ExLlamaV2MMEmbedding
 
-        missing = list({image.key: image for image in images if image.key not in self._embeddings}.values())
-        if missing:
+        def encode(missing: list[PromptImage]) -> list[Any]:
             assert self.vision is not None
-            pixels = [torch.from_numpy(image.pixels).to("cuda:0") for image in missing]
-            features = self.vision.image_features(pixels).half().cpu()
-            for image, rows in zip(missing, torch.split(features, [image.patches for image in missing])):
-                block = layout_block(rows, image.grid, self._break_row, self._end_row)
-                self._embeddings[image.key] = ExLlamaV2MMEmbedding(self.model, block)
-        for image in images:
-            self._embeddings.move_to_end(image.key)
-        found = [self._embeddings[image.key] for image in images]
-        while len(self._embeddings) > IMAGE_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
-        return found, len(missing)
+            features = encode_images(self.vision, missing, "cuda:0")
+            return [ExLlamaV2MMEmbedding(self.model, layout_block(rows.half().cpu(), image.grid, self._break_row, self._end_row))
+                    for image, rows in zip(missing, features)]  # fmt: skip
+
+        return self._embeddings.lookup(images, encode)
 
     def _input_ids(self, prompt: Prompt) -> tuple[Tensor, list[Any], int]:
         """Prompt ids with each image's token span replaced by its embedding's id range."""
@@ -222,9 +215,7 @@ class ExLlamaV2Backend(Backend):
 
     def memory(self) -> dict[str, int]:
         """exllamav2 allocates the whole cache at load: kv_cache = kv_per_token · max_seq_len."""
-        t = self.cfg.text
-        bits = {"FP16": 16, "Q8": 8, "Q6": 6, "Q4": 4}[self.cache_mode]
-        per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * bits // 8
+        per_token = kv_bytes_per_token(self.cfg.text, {"FP16": 16, "Q8": 8, "Q6": 6, "Q4": 4}[self.cache_mode])
         allocated = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
         return {"weights": allocated - per_token * self.max_seq_len, "kv_cache": per_token * self.max_seq_len, "kv_per_token": per_token}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..kv_cache import KVCache, kv_bytes_per_token
 from ..model import load_model
 from ..prompt import Prompt, PromptImage
 from ..sampling import next_token
-from .base import Backend, GenerationRequest, PrefillStats, TokenStep, TokenStream
+from .base import Backend, GenerationRequest, ImageCache, PrefillStats, TokenStep, TokenStream, encode_images
 
 IMAGE_CACHE_SIZE = 32  # projected features of this many pictures stay in memory
 
@@ -56,7 +55,7 @@ class ReferenceBackend(Backend):
         self.has_vision = self.model.has_vision
         self.cache = KVCache(self.cfg.text, self.max_seq_len, self.dtype, self.device)
         self._cached_keys: list[Hashable] = []  # what the cache's positions hold
-        self._features: OrderedDict[str, Tensor] = OrderedDict()  # image hash -> [patches, hidden]
+        self._features: ImageCache[Tensor] = ImageCache(IMAGE_CACHE_SIZE)  # image hash -> [patches, hidden]
         self._lock = threading.Lock()
 
     # --- images ---------------------------------------------------------------------------------
@@ -65,18 +64,8 @@ class ReferenceBackend(Backend):
     def image_features(self, images: list[PromptImage]) -> tuple[dict[str, Tensor], int]:
         """Features of each image by hash; the ones not cached run in one block-diagonal pass.
         Returns them and how many pictures were encoded."""
-        missing = list({image.key: image for image in images if image.key not in self._features}.values())
-        if missing:
-            pixels = [torch.from_numpy(image.pixels).to(self.device) for image in missing]
-            features = self.model.image_features(pixels).to(self.dtype)
-            for image, rows in zip(missing, torch.split(features, [image.patches for image in missing])):
-                self._features[image.key] = rows
-        for image in images:
-            self._features.move_to_end(image.key)
-        found = {image.key: self._features[image.key] for image in images}
-        while len(self._features) > IMAGE_CACHE_SIZE:
-            self._features.popitem(last=False)
-        return found, len(missing)
+        features, encoded = self._features.lookup(images, lambda missing: [f.to(self.dtype) for f in encode_images(self.model, missing, self.device)])
+        return {image.key: rows for image, rows in zip(images, features)}, encoded
 
     def _embed(self, prompt: Prompt, keys: list[Hashable], start: int) -> tuple[Tensor, int]:
         """Input embeddings of positions start.. [1, T, hidden], image features at `[IMG]` positions."""
@@ -160,8 +149,9 @@ class ReferenceBackend(Backend):
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"weights": weights, "kv_cache": self.cache.nbytes(), "kv_per_token": kv_bytes_per_token(self.cfg.text, self.dtype)}
+        return {"weights": weights, "kv_cache": self.cache.nbytes(), "kv_per_token": kv_bytes_per_token(self.cfg.text, self.dtype.itemsize * 8)}
 
     def close(self) -> None:
         with self._lock:
-            self.model, self._features, self.cache = None, OrderedDict(), None  # type: ignore[assignment]
+            self.model, self.cache = None, None  # type: ignore[assignment]
+            self._features.clear()
