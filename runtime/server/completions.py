@@ -13,6 +13,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -231,6 +232,21 @@ def _forced_text(engine: Engine, prompt: Prompt, forced: bool) -> str:
     return engine.tokenizer.decode(ids[len(ids) - ids[::-1].index(tool_calls) :])
 
 
+async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
+    """Wait for a generation slot, yielding None every keep-alive interval, then the slot (the
+    caller releases it). A client that leaves while queued withdraws: no slot is taken later."""
+    wait = asyncio.ensure_future(run.host.acquire_slot())
+    try:
+        while not (await asyncio.wait({wait}, timeout=run.config.network.keepalive_seconds))[0]:
+            yield None
+    except BaseException:  # cancelled or closed while queued
+        if wait.done() and not wait.cancelled() and wait.exception() is None:
+            wait.result().release()  # granted in the same instant: give it back
+        wait.cancel()
+        raise
+    yield wait.result()
+
+
 def sse(payload: Any) -> str:
     data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
@@ -251,12 +267,10 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
 
     slots = None
     try:
-        wait = asyncio.ensure_future(run.host.acquire_slot())
-        while not wait.done():  # keep the connection alive while queued
-            done, _ = await asyncio.wait({wait}, timeout=run.config.network.keepalive_seconds)
-            if not done:
-                yield ": keep-alive\n\n"
-        slots = wait.result()
+        async with aclosing(queue_for_slot(run)) as queue:
+            async for slots in queue:
+                if slots is None:
+                    yield ": keep-alive\n\n"
         for index in range(body.n):
             params = generation_params(body, run.config, index, (body.top_logprobs or 0) if body.logprobs else None)
             result = ChoiceResult(index)
@@ -324,8 +338,13 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
     engine = run.loaded.engine
     ident = f"cmpl-{run.id_prefix}"
 
-    async def generate() -> AsyncIterator[tuple[int, str | None, ChoiceResult]]:
-        slots = await run.host.acquire_slot()
+    async def generate() -> AsyncIterator[tuple[int, str | None, ChoiceResult | None]]:
+        slots = None
+        async with aclosing(queue_for_slot(run)) as queue:
+            async for slots in queue:
+                if slots is None:
+                    yield -1, None, None  # queued: a keep-alive
+        assert slots is not None
         try:
             for p, prompt in enumerate(prompts):
                 for i in range(body.n):
@@ -342,7 +361,8 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
     if not body.stream:
         results: dict[int, ChoiceResult] = {}
         async for index, _, result in generate():
-            results[index] = result
+            if result is not None:
+                results[index] = result
         choices = [CompletionChoice(index=i, text="".join(r.text), finish_reason=r.finish_reason,
                                     logprobs=_completion_logprobs(engine, r.logprobs) if body.logprobs is not None else None)
                    for i, r in sorted(results.items())]  # fmt: skip
@@ -360,7 +380,7 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
                 elif delta:
                     yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
                                              choices=[CompletionChoice(index=index, text=delta, finish_reason=None)]))  # fmt: skip
-                elif result.usage is not None:
+                elif result is not None and result.usage is not None:
                     usages.append(result.usage)
                     yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
                                              choices=[CompletionChoice(index=index, text="", finish_reason=result.finish_reason)]))  # fmt: skip

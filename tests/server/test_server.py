@@ -168,6 +168,25 @@ def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None
     assert server.metrics.disconnects._value.get() > disconnects
 
 
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_a_client_that_leaves_the_queue_takes_no_slot_with_it(server, route: str) -> None:
+    """A queued stream (chat or text) gets keep-alives; one that disconnects while still queued must
+    not acquire the slot later and keep it."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 100000,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    text_body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 100000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=60) as first:
+        first_lines = first.iter_lines()  # held: a dropped line iterator would close the connection
+        assert next(line for line in first_lines if line.startswith("data:"))
+        queued_body = body if route == "chat/completions" else text_body
+        with httpx.stream("POST", f"{server.url}/v1/{route}", json=queued_body, headers=API, timeout=60) as queued:
+            queued_lines = queued.iter_lines()
+            assert next(line for line in queued_lines if line.startswith(": keep-alive"))
+        time.sleep(3 * 0.3)  # a few keep-alive intervals: the server notices the queued client left
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body | {"stream": False, "max_tokens": 3}, headers=API, timeout=20)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+
+
 def test_metrics_and_health(server, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], **CHAT)
     text = httpx.get(f"{server.url}/metrics", headers=API).text
