@@ -42,6 +42,7 @@ class PixtralTokenizer:
         self.bos_id = self._require(self.bos_token)
         self.eos_id = self._require(self.eos_token)
         self.image_ids = ImageTokenIds(self._require(IMG), self._require(IMG_BREAK), self._require(IMG_END))
+        self.tool_calls_id: int | None = self.tokenizer.token_to_id("[TOOL_CALLS]")  # starts the model's tool calls
         # SentencePiece adds its dummy-prefix "▁" to every text; HF's Metaspace ("first") skips it when
         # the text already starts with a space, so " x" would lose one "▁" (mistral-common: "▁▁x")
         pre = self.tokenizer.pre_tokenizer

@@ -68,6 +68,11 @@ def generation_params(body: SamplingFields, config: ServerConfig, choice: int, l
                             sampling=sampling, logprobs=logprobs, ignore_eos=body.ignore_eos or body.ban_eos_token)  # fmt: skip
 
 
+def check_choices(n: int, config: ServerConfig) -> None:
+    if n > config.limits.max_n:
+        raise UserError(f"n: {n} choices, more than this server's {config.limits.max_n}")
+
+
 def _template_message(message: Message) -> dict[str, Any]:
     """A request message as the chat template reads it (`developer` is OpenAI's newer `system`)."""
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
@@ -89,8 +94,7 @@ def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfi
     the answer starts inside a tool call. Raises UserError for anything the request gets wrong."""
     if len(body.messages) > config.limits.max_messages:
         raise UserError(f"messages: {len(body.messages)} messages, more than this server's {config.limits.max_messages}")
-    if body.n > config.limits.max_n:
-        raise UserError(f"n: {body.n} choices, more than this server's {config.limits.max_n}")
+    check_choices(body.n, config)
     if body.response_format is not None and body.response_format.type != "text":
         raise UserError(f"response_format {body.response_format.type!r} is not supported (no constrained decoding); use 'text'")
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content if p.type != "text"]
@@ -108,7 +112,7 @@ def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfi
         tokenizer = engine.tokenizer
         prefix = forced_prefix(body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
                                tokenizer.vocab_size == 32768)  # fmt: skip
-        extra = [tokenizer.tokenizer.token_to_id("[TOOL_CALLS]")] + (tokenizer.encode(prefix) if prefix else [])
+        extra = [tokenizer.tool_calls_id] + (tokenizer.encode(prefix) if prefix else [])
         prompt = Prompt(prompt.token_ids + tuple(extra), prompt.images)
     engine.check_fits(prompt)
     return prompt, forced
@@ -123,9 +127,13 @@ def usage_body(usage: Usage) -> UsageBody:
                      completion_tokens_per_sec=usage.decode_tokens_per_second)  # fmt: skip
 
 
+def _token_text(engine: Engine, token_id: int) -> str:
+    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
 def _chat_logprobs(engine: Engine, steps: list) -> ChoiceLogprobs:
     def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = _token_text(engine, token_id)
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
     content = []
@@ -142,7 +150,6 @@ class Run:
         self.host, self.loaded, self.request, self.config = host, loaded, request, config
         self.id_prefix = secrets.token_hex(12)
         self.created = int(time.time())
-        self.tool_calls_id = loaded.engine.tokenizer.tokenizer.token_to_id("[TOOL_CALLS]")
 
     async def choice_chunks(self, prompt: Prompt, params: GenerationParams, result: ChoiceResult, forced_tools: bool) -> AsyncIterator[str | None]:
         """Content deltas of one choice (None: keep-alive); fills `result`. Stops, cancelling the
@@ -166,7 +173,7 @@ class Run:
                 last_sent = time.monotonic()
                 if isinstance(item, BaseException):
                     raise item
-                delta = result.feed(item, self.tool_calls_id)
+                delta = result.feed(item, self.loaded.engine.tokenizer.tool_calls_id)
                 if delta:
                     yield delta
             if generation.first_chunk_at is not None:
@@ -227,9 +234,8 @@ def _forced_text(engine: Engine, prompt: Prompt, forced: bool) -> str:
     """The start of a forced tool call that the prompt already holds (after `[TOOL_CALLS]`)."""
     if not forced:
         return ""
-    tool_calls = engine.tokenizer.tokenizer.token_to_id("[TOOL_CALLS]")
     ids = list(prompt.token_ids)
-    return engine.tokenizer.decode(ids[len(ids) - ids[::-1].index(tool_calls) :])
+    return engine.tokenizer.decode(ids[len(ids) - ids[::-1].index(engine.tokenizer.tool_calls_id) :])
 
 
 async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
@@ -303,8 +309,7 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
 
 def completion_prompts(loaded: Loaded, body: CompletionRequest, config: ServerConfig) -> list[Prompt]:
     """One prompt per string (BOS first, as exllamav2 and TabbyAPI add it), or the token ids given."""
-    if body.n > config.limits.max_n:
-        raise UserError(f"n: {body.n} choices, more than this server's {config.limits.max_n}")
+    check_choices(body.n, config)
     if body.suffix or body.echo:
         raise UserError("suffix and echo are not supported")
     tokenizer = loaded.engine.tokenizer
@@ -324,10 +329,10 @@ def completion_prompts(loaded: Loaded, body: CompletionRequest, config: ServerCo
 def _completion_logprobs(engine: Engine, steps: list) -> CompletionLogprobs:
     out, offset = CompletionLogprobs(), 0
     for step in steps:
-        text = engine.tokenizer.decode([step.token_id], skip_special_tokens=False)
+        text = _token_text(engine, step.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(step.logprob if step.logprob is not None else 0.0)
-        out.top_logprobs.append({engine.tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in step.top_logprobs})
+        out.top_logprobs.append({_token_text(engine, t): lp for t, lp in step.top_logprobs})
         out.text_offset.append(offset)
         offset += len(text)
     return out
