@@ -50,6 +50,28 @@ def _logits(backend: Backend, items: list[Scored]) -> list[Tensor]:
     return backend.logits_at([(item.prompt, item.positions) for item in items]) if items else []
 
 
+SCORED_SETS = ("text", "image", "task")
+
+
+def _set_logits(backend: Backend, eval_set: EvalSet) -> dict[str, list[Tensor]]:
+    """Logits of the text, image and task items, each distinct prompt run once: the demo's image
+    and task items are the same prompts scored at different positions."""
+    wanted: dict[tuple, tuple[Scored, set[int]]] = {}
+    for name in SCORED_SETS:
+        for item in getattr(eval_set, name):
+            key = (item.prompt.token_ids, tuple(image.key for image in item.prompt.images))
+            wanted.setdefault(key, (item, set()))[1].update(item.positions)
+    runs = [Scored(item.prompt, sorted(positions)) for item, positions in wanted.values()]
+    by_key = {key: (rows, {p: i for i, p in enumerate(run.positions)}) for key, run, rows in zip(wanted, runs, _logits(backend, runs))}
+    out: dict[str, list[Tensor]] = {}
+    for name in SCORED_SETS:
+        out[name] = []
+        for item in getattr(eval_set, name):
+            rows, index = by_key[(item.prompt.token_ids, tuple(image.key for image in item.prompt.images))]
+            out[name].append(rows[[index[p] for p in item.positions]])
+    return out
+
+
 def _mean_nll(logits: list[Tensor], items: list[Scored]) -> float:
     total = count = 0.0
     for row, item in zip(logits, items):
@@ -99,35 +121,31 @@ def evaluate(
     total = 1 + len(tiers)
     progress("fp16", 0, total)
     backend = load(source)
-    reference = {name: [t.to(torch.float16) for t in _logits(backend, getattr(eval_set, name))] for name in ("text", "image")}
-    scores = [_score(backend, source, "fp16", eval_set, reference)]
+    source_logits = _set_logits(backend, eval_set)
+    reference = {name: [t.to(torch.float16) for t in source_logits[name]] for name in ("text", "image")}
+    scores = [_score(backend, source, "fp16", eval_set, reference, source_logits)]
+    del source_logits
     backend.close()
     progress("fp16", 1, total)
     for done, tier in enumerate(tiers, start=2):
         backend = load(tier)
-        scores.append(_score(backend, tier, tier.name, eval_set, reference))
+        scores.append(_score(backend, tier, tier.name, eval_set, reference, _set_logits(backend, eval_set)))
         backend.close()
         progress(tier.name, done, total)
     return scores
 
 
-def _score(backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: dict[str, list[Tensor]]) -> ModelScore:
+def _score(backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: dict[str, list[Tensor]],
+           logits: dict[str, list[Tensor]]) -> ModelScore:  # fmt: skip
+    """Scores of one model from its logits on the text, image and task items (`_set_logits`)."""
     bpw, head_bpw, size = describe_model(path)
     score = ModelScore(name, str(path), bpw, head_bpw, size)
-    computed: dict[int, list[Tensor]] = {}  # the demo's image set is its task set: score it once
-
-    def logits(items: list[Scored]) -> list[Tensor]:
-        if id(items) not in computed:
-            computed[id(items)] = _logits(backend, items)
-        return computed[id(items)]
-
     if eval_set.text:
-        text = logits(eval_set.text)
-        score.text_ppl = math.exp(_mean_nll(text, eval_set.text))
-        score.text_kl, _ = _kl_and_top1(reference["text"], text)
+        score.text_ppl = math.exp(_mean_nll(logits["text"], eval_set.text))
+        score.text_kl, _ = _kl_and_top1(reference["text"], logits["text"])
     if eval_set.image:
-        score.image_kl, score.image_top1 = _kl_and_top1(reference["image"], logits(eval_set.image))
+        score.image_kl, score.image_top1 = _kl_and_top1(reference["image"], logits["image"])
     if eval_set.task:
-        score.task_accuracy = _exact(logits(eval_set.task), eval_set.task)
+        score.task_accuracy = _exact(logits["task"], eval_set.task)
     score.choice_accuracy = _choice_accuracy(backend, eval_set)
     return score
