@@ -85,8 +85,7 @@ class BlockRunner:
         total = 0.0
         for index, (s, ref) in enumerate(zip(states, reference)):
             y = self.forward(block, s.to(self.compute.device, self.compute.dtype)[None])[0].float()
-            per_token = ((y - ref.to(y.device).float()) ** 2).sum(-1)
-            total += float(per_token.sum() if weights is None else (per_token * weights[index].to(y.device)).sum())
+            total += _token_sum(((y - ref.to(y.device).float()) ** 2).sum(-1), None if weights is None else weights[index])
         return total
 
     def set_weight(self, name: str, weight: Tensor) -> None:
@@ -105,6 +104,10 @@ def energy(reference: Sequence[Tensor], weights: Sequence[Tensor] | None = None)
     """Σ w·‖y_ref‖²: what a block's squared error is relative to."""
     total = 0.0
     for index, ref in enumerate(reference):
-        per_token = (ref.float() ** 2).sum(-1)
-        total += float(per_token.sum() if weights is None else (per_token * weights[index].to(ref.device)).sum())
+        total += _token_sum((ref.float() ** 2).sum(-1), None if weights is None else weights[index])
     return max(total, 1e-30)
+
+
+def _token_sum(per_token: Tensor, weight: Tensor | None) -> float:
+    """Σ over tokens, each weighted by `weight` [L] when given."""
+    return float(per_token.sum() if weight is None else (per_token * weight.to(per_token.device)).sum())

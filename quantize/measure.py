@@ -33,7 +33,7 @@ from .candidates import GROUP_ROWS, Candidate, anchor_candidates, linear_shapes
 from .compute import Compute
 from .gptq import GPTQResult, PreparedHessian, gptq_quantize, output_error, prepare_hessian
 from .job import MEASUREMENT_FILE, JobContext, JobState, save_state
-from .streams import EMBED, next_location
+from .streams import current_location, next_location
 
 MEASUREMENT_FORMAT = "pixtral-exl2-measurement"
 MEASUREMENT_VERSION = 1
@@ -98,12 +98,13 @@ def measure_block(
     for spec in block_specs(block):
         original = runner.layer.get_submodule(spec.name).weight.data.clone()
         K, columns = original.shape[1], pad_columns(original.shape[0])
-        accumulator = accumulators[spec.hessian_group]
+        accumulator, weight = accumulators[spec.hessian_group], original.float()
         exact = spec.name in RESIDUAL_LINEARS and not compute.legacy
+        H_mean = accumulator.result() if exact else None  # once per linear: K² work (down_proj: 14336²)
         found = []
-        for candidate, result in anchor_runs(original.float(), prepared[spec.hessian_group], K, compute):
-            if exact:
-                error = output_error(original, result.weight, accumulator.result(), accumulator.tokens) / total
+        for candidate, result in anchor_runs(weight, prepared[spec.hessian_group], K, compute):
+            if H_mean is not None:
+                error = output_error(weight, result.weight, H_mean, accumulator.tokens) / total
             else:
                 runner.set_weight(spec.name, result.weight)
                 error = runner.squared_error(block, rows_in, reference, weights) / total
@@ -131,7 +132,7 @@ def run_measure(ctx: JobContext, state: JobState) -> JobState:
             layer, block = divmod(index, 2)
             if runner is None or block == 0:
                 runner = BlockRunner(load_layer(ckpt, ctx.cfg, layer), ctx.cfg.text, ctx.config.calibration.length, ctx.compute)
-            source = state.streams.get("m", f"{EMBED}:0")
+            source = current_location(state.streams, "m")
             tick = lambda layer=layer: ctx.progress(Progress("measure", next(done), ctx.layers * steps, f"layer {layer + 1}/{ctx.layers}"))
             results, outputs = measure_block(runner, BLOCKS[block], list(ctx.store.rows(source, count)), tick, weights)
             target = next_location("m", source)

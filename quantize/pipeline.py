@@ -28,7 +28,7 @@ from runtime.model import PixtralModel, load_module
 from runtime.outputs import atomic_write_bytes
 from runtime.progress import Progress, ProgressFn
 from runtime.tokenizer import PixtralTokenizer
-from runtime.weights import Checkpoint
+from runtime.weights import Checkpoint, weights_bytes
 
 from .checkpoint import EXLLAMAV2_VERSION, write_exl2_checkpoint
 from .compute import Compute
@@ -47,7 +47,7 @@ from .job import (
 )
 from .measure import QUANTIZER_VERSION, run_measure
 from .preflight import check_model, check_plan
-from .streams import EMBED, RowStore, load_rows, save_rows
+from .streams import EMBEDDED, RowStore, load_rows, save_rows
 from .tiers import HEAD, run_tiers
 
 
@@ -126,7 +126,7 @@ def stage_embed(ctx: JobContext, state: JobState) -> JobState:
         load_module(model.language_model.model.embed_tokens, ckpt, "language_model.model.embed_tokens.", dtype, device)
     for index, row in enumerate(rows):
         images = [torch.from_numpy(p).to(device) for p in row.images] or None
-        ctx.store.write(f"{EMBED}:0", index, model.embed(row.input_ids.to(device)[None], images)[0])
+        ctx.store.write(EMBEDDED, index, model.embed(row.input_ids.to(device)[None], images)[0])
         ctx.progress(Progress("embed", index + 1, len(rows)))
     return state
 
@@ -158,8 +158,7 @@ def stage_compile(ctx: JobContext, state: JobState) -> JobState:
 
 def _card(tier: str, qconfig: dict, tier_dir: Path) -> dict[str, bytes]:
     """The tier's README.md model card, with what quantize knows (eval adds the measured quality)."""
-    size = sum(p.stat().st_size for p in tier_dir.glob("*.safetensors"))
-    return {"README.md": render_card(tier, qconfig, size).encode("utf-8")}
+    return {"README.md": render_card(tier, qconfig, weights_bytes(tier_dir)).encode("utf-8")}
 
 
 def _is_exl2_dir(path: Path) -> bool:
@@ -190,8 +189,7 @@ def _quantized_loader(qdir: Path) -> Callable[[str], dict[str, torch.Tensor]]:
 def _finished_tier(path: Path) -> TierResult:
     """A tier written earlier, as its config.json and files describe it."""
     quant = json.loads((path / "config.json").read_text())["quantization_config"]
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return TierResult(path.name, quant["bits"], quant["decoder_bpw"], quant.get("head_bpw", 0.0), size,
+    return TierResult(path.name, quant["bits"], quant["decoder_bpw"], quant.get("head_bpw", 0.0), weights_bytes(path),
                       quant.get("calibration_kl") or float("nan"), path)  # fmt: skip
 
 
@@ -199,8 +197,8 @@ def _results(ctx: JobContext, state: JobState) -> list[TierResult]:
     out = []
     for name, tier in sorted(state.tiers.items(), key=lambda item: item[1].target_bpw):
         path = Path(ctx.config.out_dir) / name
-        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        out.append(TierResult(name, tier.target_bpw, tier.bpw, tier.head_bpw or 0.0, size, tier.calibration_kl or float("nan"), path))
+        out.append(TierResult(name, tier.target_bpw, tier.bpw, tier.head_bpw or 0.0, weights_bytes(path), tier.calibration_kl or float("nan"),
+                              path))  # fmt: skip
     return out
 
 

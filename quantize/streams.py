@@ -25,6 +25,7 @@ from calibration.rows import CalibrationRow
 from runtime.outputs import follow_umask
 
 EMBED = "embed"  # the decoder inputs, written once; every stream starts from it
+EMBEDDED = f"{EMBED}:0"  # the one buffer they are written to
 
 
 def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
@@ -95,6 +96,11 @@ class RowStore:
     def remove(self, stream: str) -> None:
         for buffer in (0, 1):
             self._path(f"{stream}:{buffer}").unlink(missing_ok=True)
+
+
+def current_location(streams: dict[str, str], stream: str) -> str:
+    """Where a stream's rows are now (`streams` as the job state records them): `embed` until its first block."""
+    return streams.get(stream, EMBEDDED)
 
 
 def next_location(stream: str, current: str) -> str:

@@ -30,7 +30,7 @@ from .hessian import HessianAccumulator
 from .job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
 from .measure import load_measurement, measurement_from_json
 from .plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
-from .streams import EMBED, next_location, save_tensors
+from .streams import EMBED, current_location, next_location, save_tensors
 
 HEAD = "language_model.lm_head"
 
@@ -65,9 +65,13 @@ class HeadQuantizer:
         self.norm, self.W, self.compute = norm, W, compute
         self.reference: list[Tensor] = []  # per measurement row: fp16 log-probs at kl_positions
 
-    def add_reference(self, state: Tensor) -> None:
+    def _log_probs(self, state: Tensor, W: Tensor) -> Tensor:
+        """Next-token log-probs (fp32) at the row's KL positions, with head weight W."""
         x = self.norm(state.to(self.compute.device, self.compute.dtype))[kl_positions(state.shape[0])]
-        self.reference.append(F.log_softmax((x @ self.W.T).float(), -1).half())
+        return F.log_softmax((x @ W.T).float(), -1)
+
+    def add_reference(self, state: Tensor) -> None:
+        self.reference.append(self._log_probs(state, self.W).half())
 
     def quantize(self, states: Iterable[Tensor], plan: GroupPlan, weights: Sequence[Tensor] | None) -> GPTQResult:
         accumulator = HessianAccumulator(self.W.shape[1], self.compute.device)
@@ -81,8 +85,7 @@ class HeadQuantizer:
         Wq = weight.to(self.compute.device, self.compute.dtype)
         total = count = 0.0
         for reference, state in zip(self.reference, states):
-            x = self.norm(state.to(self.compute.device, self.compute.dtype))[kl_positions(state.shape[0])]
-            log_q = F.log_softmax((x @ Wq.T).float(), -1)
+            log_q = self._log_probs(state, Wq)
             log_p = reference.float()
             total += float((log_p.exp() * (log_p - log_q)).sum())
             count += log_p.shape[0]
@@ -106,10 +109,10 @@ def run_tiers(ctx: JobContext, state: JobState) -> JobState:
                 base = load_layer(ckpt, ctx.cfg, layer)
             streams = dict(state.streams)
             reference = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
-            streams["ref"] = _advance(ctx, reference, block, "ref", streams.get("ref", f"{EMBED}:0"), count)
+            streams["ref"] = _advance(ctx, reference, block, "ref", current_location(streams, "ref"), count)
             for done, tier in enumerate(tiers, start=1):
                 runner = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
-                source = streams.get(tier, f"{EMBED}:0")
+                source = current_location(streams, tier)
                 plans = {s.name: state.tiers[tier].plan(layer_prefix(layer) + s.name) for s in block_specs(block)}
                 tensors = quantize_block(runner, block, ctx.store.rows(source, rows), plans, weights)
                 folder = ctx.work / "quantized" / tier
@@ -153,13 +156,13 @@ def quantize_heads(ctx: JobContext, ckpt: Checkpoint, state: JobState, weights: 
     norm.weight.data = ckpt.get("language_model.model.norm.weight").to(ctx.compute.device, ctx.compute.dtype)
     heads = HeadQuantizer(norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute)
     count, rows = ctx.config.calibration.measure_rows, ctx.config.calibration.rows
-    for row in ctx.store.rows(state.streams.get("ref", f"{EMBED}:0"), count):
+    for row in ctx.store.rows(current_location(state.streams, "ref"), count):
         heads.add_reference(row)
     tiers = dict(state.tiers)
     for done, name in enumerate(sorted(tiers), start=1):
         if tiers[name].head_bpw is not None:
             continue  # done before an interruption
-        location = state.streams.get(name, f"{EMBED}:0")
+        location = current_location(state.streams, name)
         plan = head_plan(heads.W.shape[1], ctx.config.head_bits)
         result = heads.quantize(ctx.store.rows(location, rows), plan, weights)
         save_tensors(ctx.work / "quantized" / name / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})

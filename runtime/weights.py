@@ -149,6 +149,11 @@ class Checkpoint:
 
 
 
+def weights_bytes(model_dir: Path) -> int:
+    """Size on disk of a model directory's safetensors files."""
+    return sum(shard.stat().st_size for shard in Path(model_dir).glob("*.safetensors"))
+
+
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

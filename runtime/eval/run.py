@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import Backend
+from ..weights import weights_bytes
 from .sets import EvalSet, Scored
 
 
@@ -42,8 +43,7 @@ def describe_model(path: Path) -> tuple[float | None, float | None, int]:
     """(decoder bpw, head bpw, size of the weights) of a model directory."""
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     quant = config.get("quantization_config") or {}
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return quant.get("decoder_bpw", quant.get("bits")), quant.get("head_bpw", quant.get("head_bits")), size
+    return quant.get("decoder_bpw", quant.get("bits")), quant.get("head_bpw", quant.get("head_bits")), weights_bytes(path)
 
 
 def _logits(backend: Backend, items: list[Scored]) -> list[Tensor]:
