@@ -116,16 +116,14 @@ def base_scales(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def scale_errors(W: Tensor, s: Tensor, p: Tensor, bits: int) -> Tensor:
-    """Σ|q(W; s·p) − W|^3.5 over the group for each multiplier p [P] (columns sampled on wide layers)."""
+    """Σ|q(W; s·p) − W|^3.5 over the group W [R, N] for each multiplier p [P]."""
     maxq, zero = 2**bits - 1, 2 ** (bits - 1)
-    stride = -(-W.shape[1] // P_SEARCH_MAX_COLUMNS)
-    Ws, ss = W[:, ::stride], s[::stride]
-    chunk = max(1, P_SEARCH_ELEMENTS // Ws.numel())  # bound the [chunk, R, N] temporaries
+    chunk = max(1, P_SEARCH_ELEMENTS // W.numel())  # bound the [chunk, R, N] temporaries
     errors = []
     for start in range(0, p.shape[0], chunk):
-        sp = ss[None, None, :] * p[start : start + chunk, None, None]  # [c, 1, N]
-        q = torch.clamp(torch.round(Ws[None] / sp), -zero, maxq - zero)
-        errors.append(((q * sp - Ws[None]).abs() ** ERR_NORM).sum(dim=(1, 2)))
+        sp = s[None, None, :] * p[start : start + chunk, None, None]  # [c, 1, N]
+        q = torch.clamp(torch.round(W[None] / sp), -zero, maxq - zero)
+        errors.append(((q * sp - W[None]).abs() ** ERR_NORM).sum(dim=(1, 2)))
     return torch.cat(errors)
 
 
@@ -140,11 +138,17 @@ def search_p(errors_of: Callable[[Tensor], Tensor], grid: Tensor, full: bool = F
     return grid[fine[torch.argmin(errors_of(grid[fine]))]]
 
 
-def find_scales(W: Tensor, bits: int, full_search: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Scales of one group W [R, N]: (scale_codes [N], scale_max fp16 [], effective fp32 scale [N])."""
+ScaleErrorFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def find_scales(W: Tensor, bits: int, full_search: bool = False, errors: ScaleErrorFn = scale_errors) -> tuple[Tensor, Tensor, Tensor]:
+    """Scales of one group W [R, N]: (scale_codes [N], scale_max fp16 [], effective fp32 scale [N]);
+    `errors` scores the multipliers (the Triton kernel on CUDA)."""
     qscale, M = base_scales(W, bits)
     s = (qscale / 16) ** 2 * M
-    best_p = search_p(lambda p: scale_errors(W, s, p, bits), p_grid(W.device), full_search)
+    stride = -(-W.shape[1] // P_SEARCH_MAX_COLUMNS)  # wide layers: a strided sample of the columns
+    Ws, ss = W[:, ::stride], s[::stride]
+    best_p = search_p(lambda p: errors(Ws, ss, p, bits), p_grid(W.device), full_search)
     scale_max = (M * best_p).half()
     effective = ((qscale**2).half() * (scale_max.float() / 256).half()).float()  # fp16 roundings as the kernel
     return (qscale - 1).long(), scale_max, effective

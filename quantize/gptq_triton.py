@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gptq import ERR_NORM, P_SEARCH_MAX_COLUMNS, GroupResult, base_scales, p_grid, search_p
+from .gptq import ERR_NORM, GroupResult, find_scales
 
 BLOCK_N = 32  # columns per program
 
@@ -83,8 +83,7 @@ def _block_rows(R: int) -> int:
 
 
 def _scale_errors(W: Tensor, s: Tensor, p: Tensor, bits: int) -> Tensor:
-    stride = -(-W.shape[1] // P_SEARCH_MAX_COLUMNS)
-    Ws, ss = W[:, ::stride].contiguous(), s[::stride].contiguous()
+    Ws, ss = W.contiguous(), s.contiguous()
     R, N = Ws.shape
     blocks = triton.cdiv(N, BLOCK_N)
     out = torch.empty(p.shape[0], blocks, dtype=torch.float32, device=W.device)
@@ -95,15 +94,12 @@ def _scale_errors(W: Tensor, s: Tensor, p: Tensor, bits: int) -> Tensor:
 
 def triton_quantize_group(Wg: Tensor, Ug: Tensor, bits: int, full_search: bool = False) -> GroupResult:
     """gptq.quantize_group on the GPU: the same scales, codes and error feedback (Wg is not changed)."""
-    qscale, M = base_scales(Wg, bits)
-    s_search = (qscale / 16) ** 2 * M
-    best_p = search_p(lambda p: _scale_errors(Wg, s_search, p, bits), p_grid(Wg.device), full_search)
-    scale_max = (M * best_p).half()
-    s = ((qscale**2).half() * (scale_max.float() / 256).half()).float().contiguous()
+    scale_code, scale_max, s = find_scales(Wg, bits, full_search, _scale_errors)
+    s = s.contiguous()
     W, U = Wg.contiguous(), Ug.contiguous()
     R, N = W.shape
     codes = torch.empty(R, N, dtype=torch.uint8, device=W.device)
     deq, Err = torch.empty(R, N, device=W.device), torch.empty(R, N, device=W.device)
     _group_kernel[(triton.cdiv(N, BLOCK_N),)](W, U, s, codes, deq, Err, R, N, W.stride(0), U.stride(0), float(2 ** (bits - 1)),
                                                float(2**bits - 1), BLOCK_R=_block_rows(R), BLOCK=BLOCK_N)  # fmt: skip
-    return GroupResult(codes, deq, Err, (qscale - 1).long(), scale_max)
+    return GroupResult(codes, deq, Err, scale_code, scale_max)
