@@ -24,8 +24,6 @@ from .measure import LinearMeasurement, MeasurementError
 FINE_GROUP_ROWS = 32  # the finest scale groups refine_groups() makes
 
 
-
-
 @dataclass(frozen=True)
 class TierPlan:
     target_bpw: float
