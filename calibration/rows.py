@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from runtime.image import patch_grid
-from runtime.prompt import prepare_image
+from runtime.prompt import prepare_image, question_messages
 from runtime.tokenizer import PixtralTokenizer
 
 from .render import ImageSample
@@ -105,10 +105,7 @@ def fit_image(image: Image.Image, max_tokens: int) -> Image.Image:
 
 def _image_turn(sample: ImageSample, tokenizer: PixtralTokenizer, max_tokens: int, bos: bool) -> tuple[list[int], np.ndarray]:
     picture = prepare_image(fit_image(sample.image, max_tokens))
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]},
-        {"role": "assistant", "content": sample.answer},
-    ]
+    messages = question_messages(sample.question, picture) + [{"role": "assistant", "content": sample.answer}]
     ids = tokenizer.encode_chat(messages, [picture.grid])
     if not bos and ids and ids[0] == tokenizer.bos_id:
         ids = ids[1:]

@@ -86,6 +86,21 @@ def image_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return parts
 
 
+def question_messages(question: str, image: PromptImage | None = None) -> list[dict[str, Any]]:
+    """A user turn asking `question`, after the picture when there is one."""
+    content: Any = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
+    return [{"role": "user", "content": content}]
+
+
+def answer_ids(tokenizer: PixtralTokenizer, messages: list[dict[str, Any]], answer: str, grids: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Token ids of `messages` followed by the assistant's `answer` (and `</s>`), and where the answer starts."""
+    prompt = tokenizer.encode_chat(messages, grids)
+    full = tokenizer.encode_chat(messages + [{"role": "assistant", "content": answer}], grids)
+    if full[: len(prompt)] != prompt:
+        raise AssertionError("the chat template's prompt is not a prefix of prompt + answer")
+    return full, len(prompt)
+
+
 def chat_prompt(
     tokenizer: PixtralTokenizer,
     messages: list[dict[str, Any]],

@@ -16,11 +16,9 @@ from safetensors.torch import load_file
 from ..errors import UserError
 from ..model_files import bundled_tokenizer_path, write_model_files
 from ..outputs import atomic_directory, write_json
-from ..prompt import PromptImage
 from ..synthetic import SyntheticSpec
-from ..tokenizer import PixtralTokenizer
 from ..weights import ShardWriter
-from .task import NUMBERS, Example, draw, random_scene, scene_questions
+from .task import NUMBERS, draw, random_scene, scene_questions
 
 WEIGHTS_FILE = Path(__file__).parent / "weights" / "demo-pixtral.safetensors"
 EXAMPLES_SEED = 4  # the pictures `demo-model` writes: a stream training, calibration and eval never use
@@ -41,16 +39,6 @@ DEMO_SPEC = SyntheticSpec(
     tokenizer="spm",
     seed=2411,
 )
-
-
-def answer_split(tokenizer: PixtralTokenizer, example: Example, picture: PromptImage | None) -> tuple[list[int], int]:
-    """Token ids of question + answer through the chat template, and where the answer starts."""
-    grids = [picture.grid] if picture is not None else []
-    prompt = tokenizer.encode_chat(example.messages(with_answer=False), grids)
-    full = tokenizer.encode_chat(example.messages(with_answer=True), grids)
-    if full[: len(prompt)] != prompt:
-        raise AssertionError("the chat template's prompt is not a prefix of prompt + answer")
-    return full, len(prompt)
 
 
 def write_demo_model(out_dir: str | Path, force: bool = False) -> Path:

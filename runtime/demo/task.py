@@ -41,12 +41,6 @@ class Example:
     answer: str
     image: Image.Image | None = None
 
-    def messages(self, with_answer: bool = True) -> list[dict]:
-        content = [{"type": "image"}, {"type": "text", "text": self.question}] if self.image is not None else self.question
-        out: list[dict] = [{"role": "user", "content": content}]
-        if with_answer:
-            out.append({"role": "assistant", "content": self.answer})
-        return out
 
 
 def random_scene(rng: random.Random) -> tuple[Thing, ...]:

@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from ..model import PixtralModel
 from ..model_files import bundled_tokenizer_path, write_model_files
-from ..prompt import prepare_image
+from ..prompt import answer_ids, prepare_image, question_messages
 from ..text import rope_cos_sin
 from ..tokenizer import PixtralTokenizer
 from . import task
-from .model import DEMO_SPEC, WEIGHTS_FILE, answer_split
+from .model import DEMO_SPEC, WEIGHTS_FILE
 
 LOG_FILE = WEIGHTS_FILE.with_suffix(".json")
 
@@ -39,7 +39,7 @@ def batch_tensors(examples: list[task.Example], tokenizer: PixtralTokenizer) -> 
     rows, images, where, targets = [], [], [], []
     for b, example in enumerate(examples):
         picture = prepare_image(example.image) if example.image is not None else None
-        ids, start = answer_split(tokenizer, example, picture)
+        ids, start = answer_ids(tokenizer, question_messages(example.question, picture), example.answer, [picture.grid] if picture else [])
         rows.append(ids)
         if picture is not None:
             images.append(torch.from_numpy(picture.pixels))

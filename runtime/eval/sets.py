@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from ..errors import UserError
 from ..image import open_image
-from ..prompt import Prompt, PromptImage, prepare_image
+from ..prompt import Prompt, PromptImage, answer_ids, prepare_image, question_messages
 from ..tokenizer import PixtralTokenizer
 
 MAX_TEXT_TOKENS = 512
@@ -62,13 +61,8 @@ def text_items(tokenizer: PixtralTokenizer, texts: list[str], max_tokens: int = 
 
 def answer_item(tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None) -> Scored:
     """A chat prompt followed by `answer` and `</s>`: the answer's positions with their target tokens."""
-    grids = [image.grid] if image is not None else []
-    prompt = tokenizer.encode_chat(messages_without, grids)
-    full = tokenizer.encode_chat(messages_without + [{"role": "assistant", "content": answer}], grids)
-    if full[: len(prompt)] != prompt:
-        raise AssertionError("the chat template's prompt is not a prefix of prompt + answer")
-    positions = list(range(len(prompt) - 1, len(full) - 1))
-    return Scored(Prompt(tuple(full), (image,) if image is not None else ()), positions, full[len(prompt) :])
+    full, start = answer_ids(tokenizer, messages_without, answer, [image.grid] if image is not None else [])
+    return Scored(Prompt(tuple(full), (image,) if image is not None else ()), list(range(start - 1, len(full) - 1)), full[start:])
 
 
 def conversation_item(tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None) -> Scored:
@@ -78,11 +72,6 @@ def conversation_item(tokenizer: PixtralTokenizer, messages_without: list[dict],
     ids = list(item.prompt.token_ids)
     start = ids.index(tokenizer.image_ids.img_end) if image is not None else 0
     return Scored(item.prompt, list(range(start, len(ids) - 1)), ids[start + 1 :])
-
-
-def question_messages(question: str, image: PromptImage | None) -> list[dict]:
-    content: Any = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
-    return [{"role": "user", "content": content}]
 
 
 def image_items(tokenizer: PixtralTokenizer, samples: list[tuple[Image.Image, str, str]]) -> list[Scored]:
