@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from runtime.config import with_top_level_context
 from runtime.exl2_checkpoint import natural_key, validate_layer
 from runtime.exl2_format import FormatError
 from runtime.outputs import atomic_directory, write_json
@@ -75,7 +76,7 @@ def write_exl2_checkpoint(
             raise FormatError(f"{source_dir}: no source weight for quantized layer(s) {sorted(pending)[:3]}")
         writer.finish()
         copy_side_files(source_dir, tmp)
-        config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+        config = with_top_level_context(json.loads((source_dir / "config.json").read_text(encoding="utf-8")))
         config["quantization_config"] = quantization_config
         write_json(tmp / "config.json", config)
         for name, data in (extra_files(tmp) if extra_files else {}).items():  # e.g. the model card, which needs the shard sizes

@@ -12,7 +12,10 @@ Extensions beyond mistral-common (documented layout, ../shared/spec/pixtral.md �
     turns appear as `…[/INST][INST]…`;
   * images (`[IMG]` placeholders, expanded by the processor) in user, assistant and tool messages;
   * an assistant turn may carry content and tool calls (content first, then `[TOOL_CALLS]`);
-  * `continue_final_message=true` leaves a final assistant turn open (no `</s>`).
+  * `continue_final_message=true` leaves a final assistant turn open (no `</s>`);
+  * string content holding exllamav2 embedding aliases (`<$EMB_n$>`, as TabbyAPI's exl2 branch
+    flattens image and text parts) is laid out as the parts would be: pictures unspaced, text
+    chunks as text parts, Mistral's [text, image] swap.
 """
 
 from __future__ import annotations
@@ -33,8 +36,28 @@ _TEMPLATE = r"""
     {%- if message.role == "system" %}{% set ns.systems = ns.systems + [message.content if message.content is string else (message.content | selectattr("type", "equalto", "text") | map(attribute="text") | join("\n\n"))] %}{% endif %}
     {%- if message.role not in ["system", "user", "assistant", "tool"] %}{{ raise_exception("unsupported message role: " ~ message.role) }}{% endif %}
 {%- endfor %}
+{#- chunks: [kind, value] pairs, "text" or "image" (value: what stands for the picture) #}
+{%- macro render_chunks(chunks, lead) %}
+    {%- if chunks | length == 2 and chunks[0][0] == "text" and chunks[1][0] == "image" %}
+        {%- set chunks = [chunks[1], chunks[0]] %}
+    {%- endif %}
+    {{- lead }}
+    {%- for chunk in chunks %}
+        {%- if chunk[0] == "image" %}{{ chunk[1] }}{% elif chunk[1] %}{{ SP ~ chunk[1] }}{% endif %}
+    {%- endfor %}
+{%- endmacro %}
 {%- macro render_content(content, lead) %}
-    {%- if content is string %}
+    {%- if content is string and EMBEDDING_ALIAS in content %}
+        {#- a string holding exllamav2 embedding aliases (<$EMB_n$>): TabbyAPI flattens content parts so #}
+        {%- set pieces = content.split(EMBEDDING_ALIAS) %}
+        {%- set acc = namespace(chunks=[["text", pieces[0]]] if pieces[0] else []) %}
+        {%- for piece in pieces[1:] %}
+            {%- set id_and_rest = piece.split("$>", 1) %}
+            {%- set acc.chunks = acc.chunks + [["image", EMBEDDING_ALIAS ~ id_and_rest[0] ~ "$>"]] %}
+            {%- if id_and_rest | length > 1 and id_and_rest[1] %}{% set acc.chunks = acc.chunks + [["text", id_and_rest[1]]] %}{% endif %}
+        {%- endfor %}
+        {{- render_chunks(acc.chunks, lead) }}
+    {%- elif content is string %}
         {{- lead }}{% if content %}{{ SP ~ content }}{% endif %}
     {%- elif content is none %}
         {{- lead }}
@@ -44,20 +67,14 @@ _TEMPLATE = r"""
             {%- if part.type == "text" %}
                 {%- set acc.text = part.text if acc.text is none else acc.text ~ "\n\n" ~ part.text %}
             {%- elif part.type.startswith("image") %}
-                {%- if acc.text is not none %}{% set acc.chunks = acc.chunks + [acc.text] %}{% set acc.text = none %}{% endif %}
-                {%- set acc.chunks = acc.chunks + [none] %}
+                {%- if acc.text is not none %}{% set acc.chunks = acc.chunks + [["text", acc.text]] %}{% set acc.text = none %}{% endif %}
+                {%- set acc.chunks = acc.chunks + [["image", "[IMG]"]] %}
             {%- else %}
                 {{- raise_exception("unsupported content part type: " ~ part.type) }}
             {%- endif %}
         {%- endfor %}
-        {%- if acc.text is not none %}{% set acc.chunks = acc.chunks + [acc.text] %}{% endif %}
-        {%- if acc.chunks | length == 2 and acc.chunks[0] is not none and acc.chunks[1] is none %}
-            {%- set acc.chunks = [none, acc.chunks[0]] %}
-        {%- endif %}
-        {{- lead }}
-        {%- for chunk in acc.chunks %}
-            {%- if chunk is none %}[IMG]{% elif chunk %}{{ SP ~ chunk }}{% endif %}
-        {%- endfor %}
+        {%- if acc.text is not none %}{% set acc.chunks = acc.chunks + [["text", acc.text]] %}{% endif %}
+        {{- render_chunks(acc.chunks, lead) }}
     {%- endif %}
 {%- endmacro %}
 {%- macro tool_call_json(call) %}
@@ -117,6 +134,9 @@ _TEMPLATE = r"""
 
 # per tokenizer kind: (text chunks get a leading space, systems join the last user turn, V3 tool-result JSON)
 _FLAVOURS = {"tekken": ("", True, True), "spm": (" ", False, False)}
+# how exllamav2 names an image embedding in text (generator/dynamic_embeddings.py: "<$EMB_{first_index}$>");
+# TabbyAPI flattens a message's parts into one string with these in place of the pictures
+EMBEDDING_ALIAS = "<$EMB_"
 
 
 def chat_template(kind: str) -> str:
@@ -128,6 +148,7 @@ def chat_template(kind: str) -> str:
         f"{{%- set SPACE_BEFORE_TEXT = {json.dumps(space)} %}}"
         f"{{%- set MERGE_SYSTEM = {str(merge_system).lower()} %}}"
         f"{{%- set TOOL_RESULT_JSON = {str(tool_json).lower()} %}}"
+        f"{{%- set EMBEDDING_ALIAS = {json.dumps(EMBEDDING_ALIAS)} %}}"
     )
     return header + _TEMPLATE.strip() + "\n"
 

@@ -203,4 +203,14 @@ def to_hf_dict(config: PixtralConfig, dtype: str = "float16") -> dict[str, Any]:
         "vision_config": vision,
     }
     out.update(config.extra)
-    return out
+    return with_top_level_context(out)
+
+
+def with_top_level_context(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json with `max_position_embeddings` also at the top level, as text_config has it:
+    TabbyAPI (exl2-checkpoint, backends/exllamav2/model.py) computes its default `rope_alpha: auto`
+    from the top-level field and fails to load a Llava directory without it."""
+    context = hf.get("text_config", {}).get("max_position_embeddings")
+    if context is not None and hf.get("max_position_embeddings") is None:
+        hf = {**hf, "max_position_embeddings": context}
+    return hf

@@ -177,7 +177,9 @@ def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_le
         specials["pad_token"] = converted.pad
     config = {
         "tokenizer_class": "LlamaTokenizerFast" if converted.kind == "spm" else "PreTrainedTokenizerFast",
-        "add_bos_token": False,  # the chat template writes <s>
+        # raw prompts start with <s> (exllamav2's and TabbyAPI's completions read this flag); the chat
+        # template writes its own <s>, which TabbyAPI strips when this is true: one <s> either way
+        "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "legacy": False,

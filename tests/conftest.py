@@ -12,6 +12,7 @@ if not __import__("torch").cuda.is_available():
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,51 @@ TINY_TEKKEN = SyntheticSpec(seed=1)
 TINY_SPM = SyntheticSpec(tokenizer="spm", projector_bias=False, seed=2, vision_layers=2)
 
 
+STANDIN = Path(__file__).parent / "exllamav2"  # exllamav2's own Python on a CPU stand-in for its extension
+STANDIN_TIERS = ("2.5", "4.0", "6.0")  # 2.5 mixes 2/3/4-bit groups; 6.0 reaches 5/6/8
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if STANDIN in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.standin)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (and exllamav2 built for it)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def exllamav2():
+    """exllamav2 imported over the stand-in (tests/exllamav2/standin.py). Module-scoped: its device
+    no-ops are undone before the next module runs."""
+    sys.path.insert(0, str(STANDIN))
+    from standin import exllamav2_on_cpu
+
+    with exllamav2_on_cpu() as ex:
+        yield ex
+
+
+@pytest.fixture(scope="session")
+def demo_tiers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The demo model and its tiers: STANDIN_TIERS with the default head, and 4.0 with an 8-bit head."""
+    from typer.testing import CliRunner
+
+    from runtime.cli import app
+    from runtime.demo.model import write_demo_model
+
+    root = tmp_path_factory.mktemp("standin")
+    demo = write_demo_model(root / "demo")
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--bpw", ",".join(STANDIN_TIERS)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2-h8"), "--recipe", "demo", "--bpw", "4.0",
+                                 "--head-bits", "8", "--measurement", str(root / "exl2" / "measurement.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tiers = {f"{t}bpw": root / "exl2" / f"{t}bpw" for t in STANDIN_TIERS} | {"4.0bpw-head8": root / "exl2-h8" / "4.0bpw"}
+    return demo, tiers
 
 
 # --- Mistral-native checkpoints (what `convert` reads), built with Mistral's own names and conventions ---

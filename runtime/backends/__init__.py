@@ -3,7 +3,6 @@ else the reference backend."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import OptionError
 from .base import Backend
+from .exllamav2 import exllamav2_available
 
 BACKENDS = ("auto", "reference", "exllamav2")
 
@@ -27,10 +27,6 @@ class BackendConfig:
     cache_mode: str = "FP16"  # exllamav2: FP16 | Q8 | Q6 | Q4
     gpu_split: tuple[float, ...] | None = None  # exllamav2: GB per GPU; None = autosplit
     max_batch_size: int | None = None  # exllamav2: concurrent jobs
-
-
-def exllamav2_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("exllamav2") is not None
 
 
 def resolve_backend(name: str) -> str:

@@ -71,11 +71,14 @@ class GenerationRequest:
 
 
 class Backend(ABC):
-    """A loaded model that generates; `name`, `max_seq_len`, `has_vision` describe it."""
+    """A loaded model that generates; `name`, `max_seq_len`, `has_vision` describe it, `attention`
+    says which attention runs, `batches` whether concurrent requests run together."""
 
     name: str
     max_seq_len: int
     has_vision: bool
+    attention: str = "PyTorch (causal)"
+    batches: bool = False
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> TokenStream:

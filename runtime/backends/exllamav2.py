@@ -14,8 +14,11 @@ a later turn reuses the same token-id range and the generator's page cache hits 
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -35,9 +38,19 @@ from ..tokenizer import PixtralTokenizer
 from ..weights import Checkpoint
 from .base import Backend, GenerationRequest, ImageCache, PrefillStats, TokenStep, TokenStream, encode_images
 
+log = logging.getLogger(__name__)
+
 CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
 IMAGE_CACHE_SIZE = 32
 PAGE = 256  # exllamav2's cache granularity
+
+
+def exllamav2_available() -> bool:
+    """exllamav2 can run here: it is installed, and CUDA is present or its extension is already
+    loaded (a prebuilt one, or the tests' CPU stand-in). Without either, importing it would start a
+    CUDA compile that cannot succeed."""
+    has_extension = torch.cuda.is_available() or "exllamav2_ext" in sys.modules
+    return has_extension and importlib.util.find_spec("exllamav2") is not None
 
 
 class ExLlamaV2Backend(Backend):
@@ -48,7 +61,7 @@ class ExLlamaV2Backend(Backend):
                  progress: Callable[[int, int], None] | None = None):  # fmt: skip
         if cache_mode.upper() not in CACHE_MODES:
             raise OptionError(f"cache mode: expected one of {', '.join(CACHE_MODES)}, got {cache_mode!r}")
-        if not torch.cuda.is_available():
+        if not exllamav2_available():
             raise OptionError("the exllamav2 backend needs a CUDA GPU; use --backend reference")
         import exllamav2 as ex  # compiles its extension on first use
         from exllamav2.generator import ExLlamaV2DynamicGenerator
@@ -56,6 +69,8 @@ class ExLlamaV2Backend(Backend):
         self.ex, self.cache_mode = ex, cache_mode.upper()
         self.cfg = load_config(model_dir)
         config = ex.ExLlamaV2Config(str(model_dir))
+        self.attention = attention_path(config)
+        log.info("exllamav2 attention: %s", self.attention)
         context = min(max_seq_len or self.cfg.text.max_position_embeddings, self.cfg.text.max_position_embeddings)
         self.max_seq_len = config.max_seq_len = math.ceil(context / PAGE) * PAGE if context % PAGE else context
         self.model = ex.ExLlamaV2(config)
@@ -66,8 +81,12 @@ class ExLlamaV2Backend(Backend):
         else:
             self.cache = cache_class[cache_mode.upper()](self.model, max_seq_len=self.max_seq_len, lazy=True)
             self.model.load_autosplit(self.cache, callback=progress)
+        self.device = torch.device(self.model.modules[1].device())  # the first decoder layer's: the vision runs there
         self.tokenizer = ex.ExLlamaV2Tokenizer(config)
-        self.generator = ExLlamaV2DynamicGenerator(self.model, self.cache, self.tokenizer, max_batch_size=max_batch_size)
+        # unpaged (batch 1, as TabbyAPI's compatibility mode) unless flash-attn has paged attention
+        self.batches = self.attention.startswith("flash-attn")
+        self.generator = ExLlamaV2DynamicGenerator(self.model, self.cache, self.tokenizer, max_batch_size=max_batch_size,
+                                                   paged=self.batches)  # fmt: skip
         self._load_vision(Path(model_dir))
         self._embeddings: ImageCache[Any] = ImageCache(IMAGE_CACHE_SIZE)  # image hash -> ExLlamaV2MMEmbedding
         self._commands: queue.Queue = queue.Queue()
@@ -78,7 +97,7 @@ class ExLlamaV2Backend(Backend):
 
     def _load_vision(self, model_dir: Path) -> None:
         """Our fp16 vision tower + projector on the first GPU, and the text rows of the markers."""
-        device = torch.device("cuda", 0)
+        device = self.device
         with torch.device("meta"):
             model = PixtralModel(self.cfg)
         with Checkpoint(model_dir) as ckpt:
@@ -100,7 +119,7 @@ class ExLlamaV2Backend(Backend):
 
         def encode(missing: list[PromptImage]) -> list[Any]:
             assert self.vision is not None
-            features = encode_images(self.vision, missing, "cuda:0")
+            features = encode_images(self.vision, missing, self.device)
             return [ExLlamaV2MMEmbedding(self.model, layout_block(rows.half().cpu(), image.grid, self._break_row, self._end_row))
                     for image, rows in zip(missing, features)]  # fmt: skip
 
@@ -217,7 +236,7 @@ class ExLlamaV2Backend(Backend):
         """exllamav2 allocates the whole cache at load: kv_cache = kv_per_token · max_seq_len."""
         per_token = kv_bytes_per_token(self.cfg.text, {"FP16": 16, "Q8": 8, "Q6": 6, "Q4": 4}[self.cache_mode])
         allocated = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
-        return {"weights": allocated - per_token * self.max_seq_len, "kv_cache": per_token * self.max_seq_len, "kv_per_token": per_token}
+        return {"weights": max(allocated - per_token * self.max_seq_len, 0), "kv_cache": per_token * self.max_seq_len, "kv_per_token": per_token}
 
     def close(self) -> None:
         self._commands.put(("stop", None))
@@ -254,8 +273,31 @@ def sampler_settings(params: SamplingParams) -> Any:
     )  # fmt: skip
 
 
+def attention_path(config: Any) -> str:
+    """Which attention exllamav2 will run, set on its config: paged flash-attn (≥ 2.5.7) when it
+    imports; else xformers; else torch with an explicit causal mask (`no_sdpa`), because
+    exllamav2 0.3.2's SDPA branch passes no mask for ordinary causal prompts (attn.py `_attn_torch`:
+    `get_block_diag_mask()` is None there), so its prefill would attend to later tokens."""
+    from exllamav2 import attn
+
+    if attn.has_flash_attn_with_paged and not config.no_flash_attn:
+        return "flash-attn (paged)"
+    if attn.has_xformers and not config.no_xformers:
+        return "xformers (unpaged, batch 1)"
+    config.no_sdpa = True
+    return "torch matmul with causal mask (unpaged, batch 1; install flash-attn >= 2.5.7 for batching)"
+
+
 def _steps(result: dict[str, Any]) -> Iterator[TokenStep]:
-    """TokenSteps of one streaming result (probabilities are exllamav2's, after its sampling filters)."""
+    """TokenSteps of one streaming result (probabilities are exllamav2's, after its sampling filters).
+    A stop token ends a job without appearing in `token_ids` (generator/dynamic.py emits it only as
+    `eos_triggering_token_id`); it is yielded as the last step, as every backend yields it."""
+    yield from _sampled_steps(result)
+    if result.get("eos") and result.get("eos_reason") == "stop_token":
+        yield TokenStep(int(result["eos_triggering_token_id"]))
+
+
+def _sampled_steps(result: dict[str, Any]) -> Iterator[TokenStep]:
     ids = result.get("token_ids")
     if ids is None:
         return

@@ -291,7 +291,8 @@ def _card(host: ModelHost, name: str, details: bool = False) -> ModelCard:
     if loaded and loaded.name == name:
         backend = loaded.engine.backend
         card.parameters = {"max_seq_len": backend.max_seq_len, "backend": backend.name, "use_vision": backend.has_vision,
-                           "cache_mode": loaded.backend_config.cache_mode, "prompt_template": "chat_template.json"}  # fmt: skip
+                           "cache_mode": loaded.backend_config.cache_mode, "prompt_template": "chat_template.json",
+                           "attention": backend.attention, "batches_requests": backend.batches}  # fmt: skip
         if details:
             card.parameters["prompt_template_content"] = loaded.engine.tokenizer.chat_template
     return card

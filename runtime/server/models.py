@@ -40,8 +40,9 @@ class Loaded:
 
     @property
     def slots(self) -> int:
-        """Generations that run at once: exllamav2 batches jobs; the reference backend runs one."""
-        return 1 if self.engine.backend.name == "reference" else 0
+        """Generations that run at once: 0 (no limit) where the backend batches jobs (exllamav2 with
+        paged attention), else one (the reference backend, unpaged exllamav2)."""
+        return 0 if self.engine.backend.batches else 1
 
 
 class ModelHost:

@@ -79,11 +79,13 @@ def test_logits_agree_with_the_reference_backend(engines) -> None:
 
 def test_greedy_generation_agrees(engines) -> None:
     ex, ref = engines
+    to_the_end = GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=0.0))  # the stop token counts
     for prompt in _prompts(ref).values():
-        a, b = ex.generate(prompt, GREEDY), ref.generate(prompt, GREEDY)
-        assert a.usage.completion_tokens == 16
+        a, b = ex.generate(prompt, to_the_end), ref.generate(prompt, to_the_end)
         agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
-        assert agree >= 4, (a.token_ids, b.token_ids)  # greedy paths may part after a near-tie, not at once
+        assert agree >= min(4, len(b.token_ids)), (a.token_ids, b.token_ids)  # paths may part after a near-tie, not at once
+        if a.token_ids == b.token_ids:
+            assert (a.finish_reason, a.usage.completion_tokens) == (b.finish_reason, b.usage.completion_tokens)
 
 
 def test_a_follow_up_turn_hits_the_prefix_cache(engines) -> None:
