@@ -24,6 +24,10 @@ started=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 -c "import exllamav2, exllamav2.ext; print('exllamav2', exllamav2.__version__)" \
   > "$OUT/exllamav2_build.txt" 2>&1 && log "exllamav2 built in $(( $(date +%s) - started )) s" || log "exllamav2 build FAILED (see exllamav2_build.txt)"
 
+# which attention exllamav2 will run (flash-attn is optional: without it the backend runs unpaged, masked)
+python3 -c "import exllamav2; from runtime.backends.exllamav2 import attention_path; print(attention_path(exllamav2.ExLlamaV2Config()))" \
+  > "$OUT/attention.txt" 2>&1; log "attention path: $(tail -n 1 "$OUT/attention.txt")"
+
 python3 -m pytest -m gpu -v -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.txt" 2>&1
 log "gpu tests: $(tail -n 1 "$OUT/gpu_tests.txt")"
 

@@ -2,12 +2,19 @@
 
 Special ids are looked up by their strings, never assumed: `[IMG_BREAK]`/`[IMG_END]` are 12/13 on
 12B and 14/15 on Large. The chat template writes one `[IMG]` per image; `encode_chat` replaces the
-n-th placeholder by the n-th image's full grid of tokens before tokenizing the whole string once.
+n-th placeholder by the n-th image's full grid of tokens.
+
+Message text is always text (as mistral-common, which never parses specials out of content): before
+rendering, every special-token string inside a message, tool or call is broken by a private-use
+mark (`_escape`), so only the template's own markers match specials in the rendered prompt; the
+text between two specials is then encoded with specials as plain text and the mark removed. That
+equals tokenizing the whole prompt at once, as the template was written for, run by run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ from .errors import UserError
 from .image import ImageTokenIds, image_token_ids
 
 IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
+MARK = "\ue000"  # private use: breaks a special-token string inside user text; doubled when the user wrote it
+_UNMARK = re.compile(MARK + "(" + MARK + ")?")
 
 
 class TokenizerError(UserError):
@@ -47,6 +56,16 @@ class PixtralTokenizer:
         # the text already starts with a space, so " x" would lose one "▁" (mistral-common: "▁▁x")
         pre = self.tokenizer.pre_tokenizer
         self._space_prefix = isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first"
+        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        self._special = re.compile("|".join(map(re.escape, specials)))
+        # specials as plain text: the first run of a prompt, and the runs after a special (where a whole-
+        # prompt encode adds no SentencePiece dummy prefix: Metaspace "first" is for offset 0 only)
+        self._plain_first = Tokenizer.from_str(self.tokenizer.to_str())
+        self._plain_first.encode_special_tokens = True
+        self._plain_rest = Tokenizer.from_str(self.tokenizer.to_str())
+        self._plain_rest.encode_special_tokens = True
+        if self._space_prefix:
+            self._plain_rest.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
 
     def _require(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -59,18 +78,55 @@ class PixtralTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (as mistral-common encodes it); special-token strings become special ids."""
+        """Token ids of `text` (as mistral-common encodes it); special-token strings become special ids
+        (a raw prompt, as TabbyAPI's completions take it)."""
         if self._space_prefix and text.startswith((" ", "▁")):
             text = " " + text
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` with every special-token string in it encoded as ordinary text."""
+        if self._space_prefix and text.startswith((" ", "▁")):
+            text = " " + text
+        return self._plain_first.encode(text, add_special_tokens=False).ids
+
+    def _escape(self, value: Any) -> Any:
+        """`value` (a message, part, tool or call, recursively) with special-token strings broken."""
+        if isinstance(value, str):
+            return self._special.sub(lambda m: m.group(0)[0] + MARK + m.group(0)[1:], value.replace(MARK, MARK + MARK))
+        if isinstance(value, dict):
+            return {k: self._escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._escape(v) for v in value]
+        return value
+
+    def _encode_rendered(self, prompt: str) -> list[int]:
+        """A rendered, image-expanded prompt: its specials are the template's; runs between are text."""
+        ids: list[int] = []
+        start = 0
+        for match in self._special.finditer(prompt):
+            ids += self._encode_run(prompt[start : match.start()], start == 0)
+            ids.append(self.tokenizer.token_to_id(match.group(0)))
+            start = match.end()
+        return ids + self._encode_run(prompt[start:], start == 0)
+
+    def _encode_run(self, run: str, first: bool) -> list[int]:
+        if not run:
+            return []
+        text = _UNMARK.sub(lambda m: MARK if m.group(1) else "", run)
+        if first:
+            return self.encode_text(text)
+        return self._plain_rest.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
-        """The prompt string for a conversation, with one `[IMG]` per image."""
+        """The prompt string for a conversation, with one `[IMG]` per image; special-token strings in
+        the messages and tools are broken by MARK (see the module docstring)."""
         if not self.chat_template:
             raise TokenizerError("the model directory has no chat template (chat_template.json)")
+        messages, tools = self._escape(messages), self._escape(tools)
         try:
             return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs)
         except TemplateError as err:
@@ -93,8 +149,9 @@ class PixtralTokenizer:
         tools: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> list[int]:
-        """Token ids of a conversation whose images have the given patch grids, in order."""
-        return self.encode(self.expand_images(self.render(messages, tools, **kwargs), list(grids)))
+        """Token ids of a conversation whose images have the given patch grids, in order. No text of
+        a message or tool becomes a control token: only the template's markers are specials."""
+        return self._encode_rendered(self.expand_images(self.render(messages, tools, **kwargs), list(grids)))
 
 
 def _token_str(value: Any, default: str) -> str:

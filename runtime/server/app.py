@@ -253,7 +253,8 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
     async def encode(body: TokenEncodeRequest) -> TokenEncodeResponse:
         tokenizer = host.require(None).engine.tokenizer
         if isinstance(body.text, str):
-            ids = ([tokenizer.bos_id] if body.add_bos_token else []) + tokenizer.encode(body.text)
+            encode = tokenizer.encode if body.encode_special_tokens else tokenizer.encode_text
+            ids = ([tokenizer.bos_id] if body.add_bos_token else []) + encode(body.text)
         else:
             loaded = host.require(None)
             chat = ChatCompletionRequest(messages=body.text)

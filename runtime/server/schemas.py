@@ -139,6 +139,7 @@ class CompletionRequest(SamplingFields):
 class TokenEncodeRequest(Lenient):
     text: str | list[Message]
     add_bos_token: bool = True
+    encode_special_tokens: bool = True  # a string's special-token spellings become specials (TabbyAPI's default)
 
 
 class TokenDecodeRequest(Lenient):

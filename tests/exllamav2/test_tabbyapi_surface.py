@@ -119,3 +119,27 @@ def test_tabbyapis_chat_path_gives_mistral_commons_ids_around_images(exllamav2: 
     expected = _collapse(expected_ids, lambda t: t == ids_of.img, lambda t: t == ids_of.img_end)
     assert got == expected, (prompt, got, expected)
     assert got.count(1) == 1 and got[0] == 1  # exactly one <s>
+
+
+def test_exllamav2s_own_processor_lays_pictures_out_differently(exllamav2: Any, demo_tiers) -> None:
+    """What the card says of TabbyAPI's image path: exllamav2's Pixtral processor loads our tier's
+    vision tower, rounds the picture to 32 px and ends the grid with an extra [IMG_BREAK]."""
+    from exllamav2.vlm.vision_tower import ExLlamaV2VisionTower
+
+    from runtime.image import patch_grid
+
+    demo, tiers = demo_tiers
+    config = exllamav2.ExLlamaV2Config(str(tiers["4.0bpw"]))
+    config.max_seq_len = 1024
+    vision, model = ExLlamaV2VisionTower(config), exllamav2.ExLlamaV2(config)
+    vision.load()
+    model.load()
+    picture = Image.new("RGB", (40, 20), "red")  # mistral-common: 3×2 patches of 16 px; exllamav2: 64×32 px, 4×2
+    embedding = vision.get_image_embeddings(model, exllamav2.ExLlamaV2Tokenizer(config), picture)
+    rows, cols = patch_grid(*picture.size)
+    assert (rows, cols) == (2, 3)
+    ours = rows * (cols + 1)  # patches, a break per row, the last one [IMG_END]
+    theirs = 2 * (4 + 1) + 1  # rows of 4 patches and a break each, then [IMG_END] after the last break
+    assert ours == 8 and embedding.embeddings.shape == (theirs, config.hidden_size)
+    vision.unload()
+    model.unload()
