@@ -135,6 +135,14 @@ class Engine:
             self.require_vision()
         return chat_prompt(self.tokenizer, messages, images, tools, continue_final_message)
 
+    def check_text_fits(self, *texts: Any) -> None:
+        """Refuse, before any costly work on a request (tokenizing megabytes takes seconds, decoding
+        images too), text that cannot fit the context whatever its tokens: counting bytes is cheap."""
+        least = self.tokenizer.min_tokens(_text_bytes(texts))
+        if least >= self.backend.max_seq_len:
+            raise ContextError(f"the prompt is at least {least} tokens (its text alone) but the context holds "
+                               f"{self.backend.max_seq_len}; shorten it or raise the context length")  # fmt: skip
+
     def require_vision(self) -> None:
         """Refuse images on a model without a vision tower."""
         if not self.backend.has_vision:
@@ -194,3 +202,15 @@ class Engine:
             last = chunk
         assert last.usage is not None and last.finish_reason is not None
         return Completion("".join(pieces), ids, last.finish_reason, last.usage, logprobs, last.stop_string)
+
+
+def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in `value` (messages, parts, tools), recursively; an image part's
+    URL is no text of the prompt."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for k, v in value.items() if k != "image_url")
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0

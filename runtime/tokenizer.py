@@ -13,6 +13,7 @@ equals tokenizing the whole prompt at once, as the template was written for, run
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -76,6 +77,16 @@ class PixtralTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """No token covers more UTF-8 bytes of input than this (a vocabulary string's own byte length
+        bounds it: byte-level pieces are one char per byte, "▁" is 3 bytes for a 1-byte space)."""
+        return max(len(piece.encode("utf-8")) for piece in self.tokenizer.get_vocab())
+
+    def min_tokens(self, text_bytes: int) -> int:
+        """A lower bound on the tokens of `text_bytes` bytes of text, without tokenizing it."""
+        return -(-text_bytes // self.max_token_bytes)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (as mistral-common encodes it); special-token strings become special ids

@@ -27,11 +27,12 @@ def serve(
 ) -> None:
     """Serve a tier over OpenAI's API (chat and text completions, images, streaming, tools) and
     TabbyAPI's routes (model load/unload, token encode/decode, /props, /health, /metrics)."""
-    from runtime.outputs import check_output
+    from runtime.outputs import check_replaceable, check_writable
     from runtime.server.config import SAMPLE_CONFIG, load_server_config, with_overrides
 
     if write_config is not None:
-        check_output(write_config, False, "serve")
+        check_replaceable(write_config, False, "serve", hint="it may hold your settings: remove it or choose another path")
+        check_writable(write_config)
         shutil.copyfile(SAMPLE_CONFIG, write_config)
         console.print(f"sample config written to [bold]{escape(str(write_config))}[/]")
         return
@@ -59,7 +60,7 @@ def _model_location(model: Path | None) -> tuple[str | None, str | None]:
 
 def _run(settings) -> None:
     try:
-        from runtime.server.run import serve_forever
+        from runtime.server.run import bind_socket, serve_forever
     except ImportError as err:
         raise fail(f"the server needs its extra dependencies ({err.name} is missing): pip install 'pixtral-exl2[serve]'") from None
     from runtime.server.auth import load_or_create_keys
@@ -76,7 +77,8 @@ def _run(settings) -> None:
     name = settings.model.model_name
     if name:
         ModelHost(settings).path_of(name)  # a bad name fails here, with exit 2, not inside uvicorn
+    sock = bind_socket(settings.network.host, settings.network.port)
     where = f"http://{settings.network.host}:{settings.network.port}"
     console.print(f"serving {escape('model ' + name) if name else 'no model yet (POST /v1/model/load)'} from {escape(str(settings.model.model_dir))} on {where}"
                   f"{' [bold red](auth disabled)[/]' if keys is None else ''}")  # fmt: skip
-    serve_forever(settings, keys, name)
+    serve_forever(settings, keys, name, sock)

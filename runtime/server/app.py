@@ -27,7 +27,7 @@ from .completions import Run, chat_completion, chat_prompt, chat_stream, complet
 from .config import ServerConfig
 from .generation import GenerationCancelled
 from .metrics import Metrics
-from .models import ModelHost, ModelNotFound, NoModelLoaded, QueueFull
+from .models import InlineLoadRefused, ModelHost, ModelNotFound, NoModelLoaded, QueueFull
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -62,6 +62,8 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
 def _user_error(err: UserError) -> APIError:
     if isinstance(err, ModelNotFound):
         return APIError(404, str(err), "invalid_request_error", "model_not_found", "model")
+    if isinstance(err, InlineLoadRefused):
+        return APIError(401, str(err), "authentication_error", "admin_key_required", "model")
     if isinstance(err, NoModelLoaded):
         return APIError(503, str(err), "service_unavailable", "model_not_loaded")
     if isinstance(err, QueueFull):
@@ -199,8 +201,8 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
     # --- OpenAI -----------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions", dependencies=[Depends(permission)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        loaded = host.require(body.model)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
+        loaded = await host.for_request(body.model, level == ADMIN)
         prompt, forced = await asyncio.to_thread(chat_prompt, loaded, body, config)  # images and the template, off the loop
         run = Run(host, loaded, request, config)
         if body.stream:
@@ -208,8 +210,8 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
         return await chat_completion(run, body, prompt, forced)
 
     @app.post("/v1/completions", dependencies=[Depends(permission)])
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        loaded = host.require(body.model)
+    async def completions(body: CompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
+        loaded = await host.for_request(body.model, level == ADMIN)
         prompts = await asyncio.to_thread(completion_prompts, loaded, body, config)
         result = await text_completion(Run(host, loaded, request, config), body, prompts)
         if body.stream:
@@ -219,17 +221,13 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
     @app.get("/v1/models")
     @app.get("/v1/model/list")
     async def models(level: str = Depends(permission)) -> ModelList:
-        loaded = host.loaded
-        names = host.names() if level == ADMIN else ([loaded.name] if loaded else [])
-        if loaded and loaded.name not in names:
-            names.insert(0, loaded.name)
-        return ModelList(data=[_card(host, name) for name in names])
+        return ModelList(data=[_card(host, name) for name in host.listed_names(level == ADMIN)])
 
     # --- TabbyAPI ---------------------------------------------------------------------------------
 
     @app.get("/v1/model", dependencies=[Depends(permission)])
     async def current_model() -> ModelCard:
-        loaded = host.require(None)
+        loaded = host.require()
         return _card(host, loaded.name, details=True)
 
     @app.post("/v1/model/load", dependencies=[Depends(admin)])
@@ -244,19 +242,19 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
 
     @app.get("/props", dependencies=[Depends(permission)])
     async def props() -> Props:
-        loaded = host.require(None)
+        loaded = host.require()
         template = loaded.engine.tokenizer.chat_template or ""
         slots = loaded.slots or config.limits.max_concurrent_requests
         return Props(total_slots=slots, chat_template=template, default_generation_settings={"n_ctx": loaded.engine.backend.max_seq_len})
 
     @app.post("/v1/token/encode", dependencies=[Depends(permission)])
     async def encode(body: TokenEncodeRequest) -> TokenEncodeResponse:
-        tokenizer = host.require(None).engine.tokenizer
+        tokenizer = host.require().engine.tokenizer
         if isinstance(body.text, str):
             encode = tokenizer.encode if body.encode_special_tokens else tokenizer.encode_text
             ids = ([tokenizer.bos_id] if body.add_bos_token else []) + encode(body.text)
         else:
-            loaded = host.require(None)
+            loaded = host.require()
             chat = ChatCompletionRequest(messages=body.text)
             prompt, _ = await asyncio.to_thread(chat_prompt, loaded, chat, config)
             ids = list(prompt.token_ids) if body.add_bos_token else list(prompt.token_ids)[1:]
@@ -264,7 +262,7 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
 
     @app.post("/v1/token/decode", dependencies=[Depends(permission)])
     async def decode(body: TokenDecodeRequest) -> TokenDecodeResponse:
-        tokenizer = host.require(None).engine.tokenizer
+        tokenizer = host.require().engine.tokenizer
         if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
             raise UserError(f"tokens: ids must be in [0, {tokenizer.vocab_size})")
         return TokenDecodeResponse(text=tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens))

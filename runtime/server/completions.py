@@ -99,14 +99,16 @@ def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfi
         raise UserError(f"response_format {body.response_format.type!r} is not supported (no constrained decoding); use 'text'")
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content if p.type != "text"]
     engine = loaded.engine
+    messages = [_template_message(m) for m in body.messages]
+    tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
+    engine.check_text_fits(messages, tools)  # the cheapest refusal first: before images and tokenizing
     if parts and not (engine.backend.has_vision and config.model.vision):
         reason = "this model has no vision tower" if not engine.backend.has_vision else "vision is disabled on this server (model.vision)"
         raise UserError(f"messages contain {len(parts)} image(s) but {reason}; send text only")
     if len(parts) > config.images.max_images_per_request:
         raise UserError(f"messages contain {len(parts)} images, more than this server's {config.images.max_images_per_request}")
     images = [load_image_url(p.url, config.images) for p in parts]
-    tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
-    prompt = engine.chat_prompt([_template_message(m) for m in body.messages], images, tools, body.continue_final_message)
+    prompt = engine.chat_prompt(messages, images, tools, body.continue_final_message)
     forced = bool(tools) and body.tool_choice not in (None, "auto")
     if forced:
         tokenizer = engine.tokenizer
@@ -204,7 +206,7 @@ class Run:
             calls = parse_tool_calls(forced_prefix_text + "".join(result.tool_text))
             if calls:
                 return (text or None), calls, "tool_calls"
-            text += "".join(result.tool_text)  # not a valid call: give the text back as it came
+            text += forced_prefix_text + "".join(result.tool_text)  # not a valid call: the text as it came, our opening included
         return text, None, result.finish_reason
 
 
@@ -320,6 +322,8 @@ def completion_prompts(loaded: Loaded, body: CompletionRequest, config: ServerCo
         prompts = [Prompt(tuple(body.prompt))]  # type: ignore[arg-type]
     else:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        for text in texts:
+            loaded.engine.check_text_fits(text)
         prompts = [Prompt(tuple([tokenizer.bos_id] + tokenizer.encode(t))) for t in texts]  # type: ignore[arg-type]
     for prompt in prompts:
         loaded.engine.check_fits(prompt)

@@ -43,6 +43,11 @@ class ModelConfig:
     device: str = "auto"  # reference backend
     dtype: str | None = None  # reference backend
     vision: bool = True  # accept images (a model without a vision tower refuses them either way)
+    # a request naming another model: off, the loaded model serves it (TabbyAPI's default); on, an
+    # admin key loads the named model first and an api key gets 401 (unless it names a dummy model)
+    inline_model_loading: bool = False
+    use_dummy_models: bool = False  # list dummy_model_names first in /v1/models; requests naming them use the loaded model
+    dummy_model_names: list[str] = field(default_factory=lambda: ["gpt-3.5-turbo"])
 
 
 @dataclass(frozen=True)

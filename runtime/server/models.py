@@ -4,6 +4,7 @@ generation slots, the generations in flight, and the health they add up to."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from .config import ServerConfig
 from .generation import Generation
 from .schemas import Health, ModelLoadRequest
 
+log = logging.getLogger("pixtral_exl2.server")
+
 
 class ModelNotFound(UserError):
     """A model name that is not a model folder directly inside the model directory."""
@@ -24,6 +27,10 @@ class ModelNotFound(UserError):
 
 class NoModelLoaded(UserError):
     """A request that needs a model while none is loaded."""
+
+
+class InlineLoadRefused(UserError):
+    """A request with an api key that names a model other than the loaded one (inline loading on)."""
 
 
 class QueueFull(UserError):
@@ -76,16 +83,39 @@ class ModelHost:
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
 
-    def require(self, name: str | None) -> Loaded:
-        """The loaded model, checking a request's `model` field against it."""
-        loaded = self.loaded
-        if loaded is None:
+    def require(self, name: str | None = None) -> Loaded:
+        """The loaded model (a request's `model` field is resolved by `for_request`)."""
+        if self.loaded is None:
             raise NoModelLoaded("no model is loaded; load one with POST /v1/model/load")
-        if name and name != loaded.name:
-            if name in self.names():
-                raise UserError(f"model {name!r} is not loaded (the loaded model is {loaded.name!r}); load it with POST /v1/model/load")
-            raise ModelNotFound(f"model {name!r} not found (the loaded model is {loaded.name!r})")
-        return loaded
+        return self.loaded
+
+    async def for_request(self, name: str | None, admin: bool) -> Loaded:
+        """The model a completion request runs on, as TabbyAPI's load_inline_model decides
+        (endpoints/OAI/utils/common_.py): the loaded model unless `inline_model_loading` is on and
+        an admin key names another folder of model_dir, which is then loaded first. An api key
+        naming another model gets InlineLoadRefused (401), a dummy model name excepted."""
+        m = self.config.model
+        if not name or (self.loaded is not None and name == self.loaded.name):
+            return self.require()
+        if not m.inline_model_loading:
+            if admin:
+                log.warning("request names model %r but inline_model_loading is off: %r serves it", name,
+                            self.loaded.name if self.loaded else None)  # fmt: skip
+            return self.require()
+        dummy = m.use_dummy_models and name in m.dummy_model_names
+        if not admin and not dummy:
+            raise InlineLoadRefused(f"model {name!r}: switching models needs an admin key")
+        if dummy or name not in self.names():
+            return self.require()  # TabbyAPI skips the load for a dummy or a missing folder
+        return await self.load(name)
+
+    def listed_names(self, admin: bool) -> list[str]:
+        """/v1/models: the loaded model first (clients take the first entry), then the others of
+        model_dir for an admin key, after the dummy models when they are on."""
+        loaded = [self.loaded.name] if self.loaded else []
+        others = [n for n in self.names() if n not in loaded] if admin else []
+        dummies = list(self.config.model.dummy_model_names) if self.config.model.use_dummy_models else []
+        return dummies + loaded + others
 
     # --- load / unload --------------------------------------------------------------------------
 

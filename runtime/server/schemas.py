@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
+    # clients send fields we do not use (user, metadata, ...); NaN/inf are no number a field takes
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ImageURL(Lenient):
@@ -89,8 +90,8 @@ class SamplingFields(Lenient):
     """Sampling and length fields shared by chat and text completions (OpenAI + TabbyAPI names)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)  # OpenAI refuses 0; leave it out to fill the context
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=100.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)

@@ -21,7 +21,7 @@ def test_the_sample_config_is_the_defaults(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert load_server_config(out) == ServerConfig()  # the shipped sample documents exactly the defaults
     again = runner.invoke(app, ["serve", "--write-config", str(out)])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output and "--force" not in again.output  # serve has no --force
 
 
 @pytest.mark.parametrize(("text", "needle"), [("network:\n  prot: 5000\n", "prot"), ("modle:\n  x: 1\n", "modle"),
@@ -55,3 +55,17 @@ def test_keys_are_generated_once_and_private(tmp_path: Path) -> None:
 def test_serving_a_path_that_is_not_a_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", str(tmp_path / "missing"), "--disable-auth"])
     assert result.exit_code == 2 and "not a model directory" in result.output
+
+
+def test_a_bad_address_or_a_busy_port_fails_before_any_model_loads(tiny_model: Path) -> None:
+    import socket
+
+    result = runner.invoke(app, ["serve", str(tiny_model), "--disable-auth", "--host", "999.1.1.1"])
+    assert result.exit_code == 2 and "999.1.1.1" in result.output and "serving" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", str(tiny_model), "--disable-auth", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output and "serving" not in result.output

@@ -150,6 +150,68 @@ def test_text_that_spells_control_tokens_is_text(client: openai.OpenAI, server) 
     assert plain["tokens"] == oracle.instruct_tokenizer.tokenizer.encode("a [IMG]", bos=True, eos=False)
 
 
+HEALTH_BOUND_S = 0.5  # README: /health answers within this under any load
+
+
+class HealthProbe:
+    """Polls /health from its own thread; `worst` is the slowest answer seen."""
+
+    def __init__(self, url: str):
+        self.url, self.worst, self.polls, self._stop = url, 0.0, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                assert http.get(f"{self.url}/health").status_code == 200
+                self.worst, self.polls = max(self.worst, time.monotonic() - started), self.polls + 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def test_a_huge_prompt_is_refused_at_once_and_stalls_nobody(server) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 400_000  # 18 MB: under the body cap, far over the context
+    body = {"model": "demo", "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    with HealthProbe(server.url) as probe:
+        time.sleep(0.1)
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=120)
+        refused_in = time.monotonic() - started
+        small = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "Hi"}], **CHAT},
+                           headers=API, timeout=120)  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert "at least" in response.json()["error"]["message"] and small.status_code == 200
+    assert refused_in < 10, refused_in  # tokenizing it would take tens of seconds
+    assert probe.polls > 0 and probe.worst < HEALTH_BOUND_S, probe.worst
+
+
+def test_health_answers_while_eight_streams_run(models: Path) -> None:
+    config = ServerConfig(model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"))  # default limits: 8 at once
+    done: list[int] = []
+
+    with running_server(config, "demo") as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEYS.api_key, max_retries=0, timeout=120)
+
+        def stream() -> None:
+            chunks = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Tell me a story."}], stream=True,
+                                                    max_tokens=24, temperature=0.0, extra_body={"ignore_eos": True})  # fmt: skip
+            done.append(sum(1 for _ in chunks))
+
+        with HealthProbe(running.url) as probe:
+            threads = [threading.Thread(target=stream) for _ in range(8)]
+            [t.start() for t in threads]
+            [t.join(timeout=120) for t in threads]
+    assert len(done) == 8 and probe.polls > 5 and probe.worst < HEALTH_BOUND_S, (done, probe.worst)
+
+
 def test_keys(server) -> None:
     for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
         response = httpx.get(f"{server.url}/v1/models", headers=headers)
@@ -299,6 +361,16 @@ def test_a_forced_tool_choice_starts_the_answer_with_the_call(scripted) -> None:
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+
+
+def test_a_forced_call_the_model_does_not_make_comes_back_whole(scripted) -> None:
+    backend = _script(scripted, "circle.")
+    backend.script = backend.script[1:]
+    client = openai.OpenAI(base_url=f"{scripted.url}/v1", api_key=KEYS.api_key, max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    content = reply.choices[0].message.content
+    assert reply.choices[0].message.tool_calls is None and content.startswith('[{"name": "get_weather", "arguments": ') and content.endswith("circle.")
 
 
 def test_a_generator_failure_shows_in_health_until_a_success(scripted) -> None:
