@@ -46,6 +46,18 @@ def _get(handle: int, kind: type) -> Any:
     return obj
 
 
+def _free(handle: int, kind: type) -> None:
+    _get(handle, kind)
+    del _HANDLES[handle]
+
+
+def _no_loras(lora_maps: tuple[dict, ...]) -> int:
+    """The set_loras ops: the largest LoRA rank, 0 without LoRAs (the project loads none)."""
+    if any(lora_maps):
+        raise NotImplementedError("stand-in: LoRA")
+    return 0
+
+
 def _is_none(t: Tensor) -> bool:
     """ext.py's none_tensor is a (1, 1) meta tensor; the C++ tests `device().is_meta()`."""
     return t.device.type == "meta"
@@ -218,8 +230,7 @@ def make_q_matrix_split(*args: Any) -> int:
 
 
 def free_q_matrix(handle: int) -> None:
-    _get(handle, QMatrix)
-    del _HANDLES[handle]
+    _free(handle, QMatrix)
 
 
 def reconstruct(q_handle: int, output: Tensor) -> None:
@@ -353,14 +364,11 @@ def make_q_attn(layernorm: Tensor, layernorm_bias: Tensor, layernorm_is_rms: boo
 
 
 def free_q_attn(handle: int) -> None:
-    _get(handle, QAttn)
-    del _HANDLES[handle]
+    _free(handle, QAttn)
 
 
 def q_attn_set_loras(handle: int, *lora_maps: dict) -> int:
-    if any(lora_maps):
-        raise NotImplementedError("stand-in: LoRA")
-    return 0
+    return _no_loras(lora_maps)
 
 
 def q_attn_forward_1(q_attn: int, x: Tensor, batch_size: int, q_len: int, past_len: int, past_lens: Tensor,
@@ -426,14 +434,11 @@ def make_q_mlp(layernorm: Tensor, layernorm_bias: Tensor, layernorm_is_rms: bool
 
 
 def free_q_mlp(handle: int) -> None:
-    _get(handle, QMLP)
-    del _HANDLES[handle]
+    _free(handle, QMLP)
 
 
 def q_mlp_set_loras(handle: int, *lora_maps: dict) -> int:
-    if any(lora_maps):
-        raise NotImplementedError("stand-in: LoRA")
-    return 0
+    return _no_loras(lora_maps)
 
 
 def _silu_half(x: Tensor) -> Tensor:
