@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from runtime.errors import UserError
+from runtime.version import VERSION
 from runtime.exl2_format import pad_columns, storage_bits
 from runtime.model import load_layer
 from runtime.outputs import atomic_write_json
@@ -38,7 +39,7 @@ from .streams import current_location, next_location
 MEASUREMENT_FORMAT = "pixtral-exl2-measurement"
 MEASUREMENT_VERSION = 1
 PARTIAL_MEASUREMENT = "measurement.partial.json"  # in the work directory, grown block by block
-QUANTIZER_VERSION = "pixtral-exl2 0.2.0"
+QUANTIZER_VERSION = f"pixtral-exl2 {VERSION}"  # written into measurement.json and each tier's config
 
 
 class MeasurementError(UserError):

@@ -194,7 +194,8 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     [(["--length", "10000000"], "--length"), (["--image-fraction", "1.5"], "--image-fraction"), (["--shard-size", "0"], "--shard-size"),
      (["--rows", "0"], "--rows"), (["--measure-rows", "9"], "--measure-rows"), (["--seed", "-1"], "--seed"),
      (["--device", "tpu"], "--device"), (["--head-bits", "7"], "--head-bits"), (["--bpw", "9"], "--bpw"),
-     (["--bpw", "4,4.0"], "more than once"), (["--recipe", "nope"], "recipe 'nope'")],
+     (["--bpw", "4,4.0"], "more than once"), (["--recipe", "nope"], "recipe 'nope'"), (["--bpw", ""], "no tier given"),
+     (["--bpw", " , "], "no tier given"), (["--resume", "--force"], "contradict")],
 )  # fmt: skip
 def test_quantize_options_are_checked_before_any_work(model: Path, tmp_path: Path, flags: list[str], needle: str) -> None:
     out = tmp_path / "out"
@@ -338,3 +339,42 @@ def test_force_does_not_replace_another_commands_output(model: Path, tmp_path: P
     before = snapshot(tmp_path)
     expect_refusal(invoke("demo-model", out / "4.0bpw", "--force"), "written by `pixtral-exl2 quantize`")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["quantize", "MODEL", "OUT", "--length", "abc"], ["chat", "MODEL", "--temperature", "-1"], ["serve", "--port", "0"],
+     ["eval", "MODEL", "MODEL", "--samples", "3"], ["quantize", "MODEL"], ["nosuch"]],
+)  # fmt: skip
+def test_option_values_the_parser_refuses_fail_in_one_line(model: Path, tmp_path: Path, args: list[str]) -> None:
+    result = invoke(*[model if a == "MODEL" else tmp_path / "out" if a == "OUT" else a for a in args])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--help" in result.output and "╭" not in result.output
+
+
+def test_sigterm_during_quantize_keeps_the_job_and_says_how_to_resume(model: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "runtime.cli", "quantize", str(model), str(out), *FAST]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".work").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    if job.returncode == 0:
+        pytest.skip("the job finished before the signal arrived")
+    assert job.returncode == 143 and "terminated" in output and "--resume" in output, output
+    assert invoke("quantize", model, out, *FAST, "--resume").exit_code == 0
+
+
+def test_version_is_the_packages(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    from quantize.measure import QUANTIZER_VERSION
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"pixtral-exl2 {version('pixtral-exl2')}"
+    assert QUANTIZER_VERSION == result.output.strip()  # what measurement.json and the cards record

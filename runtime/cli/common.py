@@ -21,7 +21,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer._click.exceptions import ClickException
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from ..errors import UserError, describe_os_error
@@ -61,6 +61,11 @@ class GuardedGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as err:  # a bad option value or a missing argument: one line, as every error
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            raise fail(f"{err.format_message()} (see `{where} --help`)") from None
         except (typer.Exit, typer.Abort, ClickException):
             raise
         except KeyboardInterrupt:
@@ -84,6 +89,19 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ..version import VERSION
+
+        console.print(f"pixtral-exl2 {VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
+    """Quantize Pixtral (12B, Large) to EXL2, convert Mistral-native checkpoints, run and inspect the results."""
 
 
 def human_count(n: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,9 +16,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        tiers = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise fail(f"--bpw: expected numbers separated by commas (e.g. 2.5,4.0,6.0), got {text!r}") from None
+    if not tiers:
+        raise fail(f"--bpw: no tier given ({text!r}); expected numbers separated by commas (e.g. 2.5,4.0,6.0), or leave it out for the recipe's")
+    return tiers
 
 
 @app.command()
@@ -56,14 +60,25 @@ def quantize(
                         "image_fraction": 0.0 if text_only else image_fraction,
                         "text_sources": calibration_text or None, "image_sources": calibration_images or None},
     }  # fmt: skip
+    if resume and force:
+        raise fail("--resume and --force contradict each other: --resume continues the job in OUT_DIR, --force starts it over")
     config = quantize_config(recipe, model_dir, out_dir, flags)
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:  # a kill (not -9) ends like Ctrl-C: state kept, hint given
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with progress_display() as on_progress:
             results = run_quantize(config, on_progress)
     except KeyboardInterrupt:
         kept = config.work_dir.exists()
         hint = f"continue with the same command plus --resume (state kept in {config.work_dir})" if kept else "nothing was written"
-        raise fail(f"interrupted; {hint}", 130) from None
+        raise fail(f"{'terminated' if terminated else 'interrupted'}; {hint}", 143 if terminated else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     table = Table(title=f"EXL2 tiers in {out_dir}")
     for column in ("tier", "decoder bpw", "head bpw", "size", "calibration KL vs fp16"):
         table.add_column(column, justify="left" if column == "tier" else "right")
