@@ -378,3 +378,15 @@ def test_version_is_the_packages(tmp_path: Path) -> None:
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"pixtral-exl2 {version('pixtral-exl2')}"
     assert QUANTIZER_VERSION == result.output.strip()  # what measurement.json and the cards record
+
+
+def test_threads_sets_torchs_intra_op_threads(model: Path, tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert invoke("quantize", model, tmp_path / "out", *FAST, "--threads", "1").exit_code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    expect_refusal(invoke("eval", model, tmp_path / "out", "--threads", "0"), "--threads")

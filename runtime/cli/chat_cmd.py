@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .common import USER_ERRORS, app, console, err_console, human_bytes, user_message
+from .common import THREADS_HELP, USER_ERRORS, app, console, err_console, human_bytes, set_threads, user_message
 
 HELP = """commands: /image PATH (attach to the next message; repeatable)  /system TEXT  /reset
           /save FILE  /load FILE  /help  /exit   (anything else is a message)"""
@@ -63,6 +63,7 @@ def chat(
     presence_penalty: Annotated[float, typer.Option(min=-2.0, max=2.0)] = 0.0,
     frequency_penalty: Annotated[float, typer.Option(min=-2.0, max=2.0)] = 0.0,
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same replies.", min=0)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Chat with a model: streamed replies through its chat template, images with /image, token
     counts and speed after each reply. Lines piped on stdin are read as typed (for scripts)."""
@@ -72,6 +73,7 @@ def chat(
     from runtime.sampling import SamplingParams
     from runtime.tokenizer import PixtralTokenizer
 
+    set_threads(threads)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, typical, repetition_penalty, presence_penalty, frequency_penalty, seed=seed)
     config = BackendConfig(backend, device, dtype, context, cache_mode, parse_split(gpu_split))
     tokenizer = PixtralTokenizer(model_dir)

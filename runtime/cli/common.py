@@ -104,6 +104,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Quantize Pixtral (12B, Large) to EXL2, convert Mistral-native checkpoints, run and inspect the results."""
 
 
+THREADS_HELP = ("CPU threads for torch (default: all cores). Lower it when other work shares the machine: "
+                "oversubscribed cores make every thread wait (README: threads).")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply a command's --threads (torch's intra-op threads) before any work."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def human_count(n: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:

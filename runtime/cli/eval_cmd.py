@@ -11,7 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from .common import app, console, err_console, human_bytes, progress_display
+from .common import THREADS_HELP, app, console, err_console, human_bytes, progress_display, set_threads
 
 EVAL_SEED = 3  # the pictures drawn for a general model's image prompts (runtime.demo.task uses the same stream number)
 
@@ -82,6 +82,7 @@ def evaluate_command(
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Plot file (default: quality.png beside the tiers).")] = None,
     card: Annotated[bool, typer.Option(help="Refresh each tier's README.md model card and its quality.png.")] = True,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace model cards that were edited since pixtral-exl2 wrote them.")] = False,
 ) -> None:
     """Measure tiers against the fp16 source: perplexity and KL on held-out text, KL and top-1
@@ -94,6 +95,7 @@ def evaluate_command(
     from runtime.outputs import atomic_write_bytes, check_outside_inputs
     from runtime.progress import Progress
 
+    set_threads(threads)
     tier_paths = tier_dirs(tiers)
     check_pairing(source, tier_paths)
     plot_path = plot or tier_paths[0].parent / "quality.png"

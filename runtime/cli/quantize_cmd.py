@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import app, console, fail, human_bytes, progress_display
+from .common import THREADS_HELP, app, console, fail, human_bytes, progress_display, set_threads
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -42,6 +42,7 @@ def quantize(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     shard_size: Annotated[Optional[int], typer.Option(help="Output shard size in MiB (1 to 1048576; default 8192, as exllamav2).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed (≥ 0).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job in OUT_DIR (same settings).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing OUT_DIR: replaces its tiers, measurement.json and .work, nothing else.")] = False,
     keep_work: Annotated[bool, typer.Option("--keep-work", help="Keep OUT_DIR/.work (row states, per-layer tensors) after success.")] = False,
@@ -62,6 +63,7 @@ def quantize(
     }  # fmt: skip
     if resume and force:
         raise fail("--resume and --force contradict each other: --resume continues the job in OUT_DIR, --force starts it over")
+    set_threads(threads)
     config = quantize_config(recipe, model_dir, out_dir, flags)
     terminated = []
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .common import app, console, fail
+from .common import THREADS_HELP, app, console, fail, set_threads
 
 
 @app.command()
@@ -23,6 +23,7 @@ def serve(
     cache_mode: Annotated[Optional[str], typer.Option(help="exllamav2 KV cache: FP16, Q8, Q6, Q4 (model.cache_mode).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(help="Generations at once (limits.max_concurrent_requests).", min=1)] = None,
     disable_auth: Annotated[bool, typer.Option("--disable-auth", help="No API keys: every caller is admin (local use only).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
     write_config: Annotated[Optional[Path], typer.Option(help="Write the sample config.yml here and exit.")] = None,
 ) -> None:
     """Serve a tier over OpenAI's API (chat and text completions, images, streaming, tools) and
@@ -36,6 +37,7 @@ def serve(
         shutil.copyfile(SAMPLE_CONFIG, write_config)
         console.print(f"sample config written to [bold]{escape(str(write_config))}[/]")
         return
+    set_threads(threads)
     settings = load_server_config(config)
     model_dir, model_name = _model_location(model)
     settings = with_overrides(settings, network__host=host, network__port=port, network__disable_auth=disable_auth or None,
