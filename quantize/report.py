@@ -24,7 +24,7 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
         if not ckpt.layers:
             raise FormatError(f"{model_dir}: not an EXL2 checkpoint (no *.q_weight tensors); `pixtral-exl2 info` describes fp16 models")
         summaries = [ckpt.summary(prefix) for prefix in ckpt.layers]
-        head = [s for s in summaries if s.name.endswith("lm_head")]
+        head_bpw = ckpt.head_bpw(summaries)
         kept: dict[str, dict[str, Any]] = {}
         for name in ckpt.fp_tensors:
             label = next(label for label, prefix in FP16_GROUPS if name.startswith(prefix))
@@ -48,7 +48,7 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
                 for s in summaries
             ],
             "decoder_bpw": round(ckpt.decoder_bpw(summaries), 4),
-            "head_bpw": round(head[0].bpw, 4) if head else None,
+            "head_bpw": round(head_bpw, 4) if head_bpw is not None else None,
             "kept_unquantized": {k: {**v, "dtypes": sorted(v["dtypes"])} for k, v in kept.items()},
             "files": [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(model_dir.iterdir()) if p.is_file()],
         }

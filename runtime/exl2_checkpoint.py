@@ -122,6 +122,11 @@ class EXL2Checkpoint:
             file_bytes=sum(tensor_nbytes(v) for v in t.values()),
         )
 
+    def head_bpw(self, summaries: Iterable[LayerSummary] | None = None) -> float | None:
+        """The output head's bpw measured from its tensors (None: the head is not quantized)."""
+        head = [s for s in (summaries or map(self.summary, self.layers)) if s.name.endswith("lm_head")]
+        return head[0].bpw if head else None
+
     def decoder_bpw(self, summaries: Iterable[LayerSummary] | None = None) -> float:
         """Average bpw over the decoder's layer linears (head excluded), as exllamav2's `-b` counts."""
         rows = [s for s in (summaries or map(self.summary, self.layers)) if ".layers." in s.name]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import THREADS_HELP, app, console, fail, human_bytes, progress_display, set_threads
@@ -81,8 +82,10 @@ def quantize(
         raise fail(f"{'terminated' if terminated else 'interrupted'}; {hint}", 143 if terminated else 130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    table = Table(title=f"EXL2 tiers in {out_dir}")
-    for column in ("tier", "decoder bpw", "head bpw", "size", "calibration KL vs fp16"):
+    caption = ("calibration-set KL: on the calibration rows themselves (every position, text and images), a check of the "
+               "quantizer; held-out quality is `pixtral-exl2 eval`'s text and image KL")  # fmt: skip
+    table = Table(title=f"EXL2 tiers in {out_dir}", caption=escape(caption))
+    for column in ("tier", "decoder bpw", "head bpw", "size", "calibration-set KL"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for r in results:
         table.add_row(r.name, f"{r.bpw:.4f}", f"{r.head_bpw:.2f}", human_bytes(r.size_bytes), f"{r.calibration_kl:.5f}")

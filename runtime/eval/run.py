@@ -7,7 +7,6 @@ each tier is then loaded alone, scored, and released, so only one model is in me
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import Backend
+from ..exl2_checkpoint import EXL2Checkpoint
 from ..weights import weights_bytes
 from .sets import EvalSet, Scored
 
@@ -40,10 +40,13 @@ class ModelScore:
 
 
 def describe_model(path: Path) -> tuple[float | None, float | None, int]:
-    """(decoder bpw, head bpw, size of the weights) of a model directory."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization_config") or {}
-    return quant.get("decoder_bpw", quant.get("bits")), quant.get("head_bpw", quant.get("head_bits")), weights_bytes(path)
+    """(decoder bpw, head bpw, size of the weights) of a model directory, measured from its EXL2
+    tensors (a config's `bits` is a target: exllamav2's 4.0 tiers measure 3.9975, its head "6" 8.03)."""
+    with EXL2Checkpoint(path) as ckpt:
+        if not ckpt.layers:
+            return None, None, weights_bytes(path)
+        summaries = [ckpt.summary(prefix) for prefix in ckpt.layers]
+        return ckpt.decoder_bpw(summaries), ckpt.head_bpw(summaries), weights_bytes(path)
 
 
 def _logits(backend: Backend, items: list[Scored]) -> list[Tensor]:

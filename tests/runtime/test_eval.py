@@ -97,3 +97,23 @@ def test_a_chat_on_a_tier_answers_about_a_drawn_picture(quantized: tuple[Path, P
     assert len(replies) == len(questions)
     right = sum(reply == q["answer"] for reply, q in zip(replies, questions))
     assert right >= 0.75 * len(questions), list(zip(replies, (q["answer"] for q in questions)))
+
+
+def test_eval_measures_bpw_from_the_tensors_not_the_config(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """A config's numbers are claims (exllamav2's convert writes 4.0 / head 6 for 3.9975 / 8.03 bpw)."""
+    import shutil
+
+    from runtime.exl2_checkpoint import EXL2Checkpoint
+
+    demo, out = quantized
+    tier = tmp_path / "4.0bpw"
+    shutil.copytree(out / "4.0bpw", tier)
+    config = json.loads((tier / "config.json").read_text())
+    config["quantization_config"].update(bits=5.0, decoder_bpw=5.0, head_bits=8, head_bpw=8.0)
+    (tier / "config.json").write_text(json.dumps(config))
+    report = tmp_path / "report.json"
+    assert runner.invoke(app, ["eval", str(demo), str(tier), "--samples", "16", "--json", str(report), "--no-card"]).exit_code == 0
+    scored = json.loads(report.read_text())["models"][1]
+    with EXL2Checkpoint(tier) as ckpt:
+        assert scored["bpw"] == pytest.approx(ckpt.decoder_bpw()) and scored["head_bpw"] == pytest.approx(ckpt.head_bpw())
+    assert scored["bpw"] == pytest.approx(4.0, abs=0.01) and scored["head_bpw"] < 7
