@@ -59,14 +59,8 @@ class PixtralTokenizer:
         self._space_prefix = isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first"
         specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
         self._special = re.compile("|".join(map(re.escape, specials)))
-        # specials as plain text: the first run of a prompt, and the runs after a special (where a whole-
-        # prompt encode adds no SentencePiece dummy prefix: Metaspace "first" is for offset 0 only)
-        self._plain_first = Tokenizer.from_str(self.tokenizer.to_str())
-        self._plain_first.encode_special_tokens = True
-        self._plain_rest = Tokenizer.from_str(self.tokenizer.to_str())
-        self._plain_rest.encode_special_tokens = True
-        if self._space_prefix:
-            self._plain_rest.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+        stat = path.stat()
+        self._file_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     def _require(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -99,7 +93,7 @@ class PixtralTokenizer:
         """Token ids of `text` with every special-token string in it encoded as ordinary text."""
         if self._space_prefix and text.startswith((" ", "▁")):
             text = " " + text
-        return self._plain_first.encode(text, add_special_tokens=False).ids
+        return _plain_tokenizers(self._file_key)[0].encode(text, add_special_tokens=False).ids
 
     def _escape(self, value: Any) -> Any:
         """`value` (a message, part, tool or call, recursively) with special-token strings broken."""
@@ -127,7 +121,7 @@ class PixtralTokenizer:
         text = _UNMARK.sub(lambda m: MARK if m.group(1) else "", run)
         if first:
             return self.encode_text(text)
-        return self._plain_rest.encode(text, add_special_tokens=False).ids
+        return _plain_tokenizers(self._file_key)[1].encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -163,6 +157,19 @@ class PixtralTokenizer:
         """Token ids of a conversation whose images have the given patch grids, in order. No text of
         a message or tool becomes a control token: only the template's markers are specials."""
         return self._encode_rendered(self.expand_images(self.render(messages, tools, **kwargs), list(grids)))
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_tokenizers(file_key: tuple[str, int, int]) -> tuple[Tokenizer, Tokenizer]:
+    """tokenizer.json read with specials as plain text: for a prompt's first run, and for the runs
+    after a special, where a whole-prompt encode adds no SentencePiece dummy prefix (Metaspace
+    "first" is for offset 0 only). Built on first use, once per file (each costs a full load)."""
+    first, rest = Tokenizer.from_file(file_key[0]), Tokenizer.from_file(file_key[0])
+    first.encode_special_tokens = rest.encode_special_tokens = True
+    pre = rest.pre_tokenizer
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        rest.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+    return first, rest
 
 
 def _token_str(value: Any, default: str) -> str:
