@@ -159,6 +159,9 @@ def load_config(model_dir: str | Path) -> PixtralConfig:
     """Read and parse `model_dir/config.json`."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
+        tiers = sorted(Path(model_dir).glob("*bpw/config.json")) if Path(model_dir).is_dir() else []
+        if tiers:  # a quantize output folder: its tiers are the models
+            raise ConfigError(f"{model_dir}: a quantize output folder, not a model; pick a tier, e.g. {tiers[0].parent}")
         raise ConfigError(f"{path}: not found; expected an HF Llava/Pixtral model directory")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

@@ -144,7 +144,10 @@ def atomic_directory(final: str | Path, force: bool, command: str, inputs: Itera
     clean_leftovers(final.parent, final.name)
     tmp = final.parent / f".{final.name}{TMP_TAG}{os.getpid()}"
     try:
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as err:  # name the output the user asked for, not our temporary
+            raise OutputError(f"{final}: cannot be created ({err.strerror or err})") from None
         yield tmp
         write_json(tmp / MARKER, _marker(tmp, command))
         old = final.parent / f".{final.name}{OLD_TAG}{os.getpid()}"

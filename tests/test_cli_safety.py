@@ -390,3 +390,36 @@ def test_threads_sets_torchs_intra_op_threads(model: Path, tmp_path: Path) -> No
     finally:
         torch.set_num_threads(before)
     expect_refusal(invoke("eval", model, tmp_path / "out", "--threads", "0"), "--threads")
+
+
+def test_a_quantize_output_folder_says_pick_a_tier(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke("quantize", model, out, *FAST).exit_code == 0
+    for command in ("info", "inspect", "chat"):
+        expect_refusal(invoke(command, out), "quantize output folder", f"pick a tier, e.g. {out / '4.0bpw'}")
+
+
+def test_chat_refuses_a_bad_picture_before_loading_the_model(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.backends
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the picture was checked")
+
+    monkeypatch.setattr(runtime.backends, "load_backend", never)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    expect_refusal(invoke("chat", model, "--image", not_an_image), "notes.png", "not a readable image")
+
+
+def test_an_output_the_system_refuses_is_named_not_our_temporary() -> None:
+    result = invoke("demo-model", "/proc/pixtral-exl2-test")  # /proc takes no new folders, even for root
+    expect_refusal(result, "/proc/pixtral-exl2-test: cannot be created")
+    assert "tmp" not in result.output
+
+
+def test_force_into_a_larger_output_says_it_is_a_mix_of_two_jobs(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    flags = [f for f in FAST if f not in ("--bpw", "4.0")]
+    assert invoke("quantize", model, out, *flags, "--bpw", "3.0,4.0").exit_code == 0
+    result = invoke("quantize", model, out, *flags, "--bpw", "4.0", "--force")
+    assert result.exit_code == 0 and "also holds 3.0bpw from an earlier job" in " ".join(result.output.split())

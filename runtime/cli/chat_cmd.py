@@ -71,12 +71,17 @@ def chat(
     from runtime.chat import ChatSession
     from runtime.engine import Engine, GenerationParams
     from runtime.sampling import SamplingParams
+    from runtime.config import load_config
+    from runtime.image import open_image
     from runtime.tokenizer import PixtralTokenizer
 
     set_threads(threads)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, typical, repetition_penalty, presence_penalty, frequency_penalty, seed=seed)
     config = BackendConfig(backend, device, dtype, context, cache_mode, parse_split(gpu_split))
+    load_config(model_dir)  # not a model (a quantize output folder, say): said before anything loads
     tokenizer = PixtralTokenizer(model_dir)
+    for path in image or []:
+        open_image(path.expanduser())  # a bad picture is refused before minutes of loading
     with console.status(f"loading {model_dir}"):
         loaded = load_backend(model_dir, config)
     memory = loaded.memory()

@@ -90,3 +90,8 @@ def quantize(
     for r in results:
         table.add_row(r.name, f"{r.bpw:.4f}", f"{r.head_bpw:.2f}", human_bytes(r.size_bytes), f"{r.calibration_kl:.5f}")
     console.print(table)
+    older = sorted(p.name for p in Path(out_dir).glob("*bpw") if p.is_dir() and p.name not in {r.name for r in results})
+    if older:  # a --force or --measurement job into an output that held more tiers: say it is a mix of two jobs
+        console.print(f"note: {escape(str(out_dir))} also holds {', '.join(older)} from an earlier job, not re-made by this one "
+                      "(nor any quality.png beside them); remove them or quantize into a new folder for one consistent set",
+                      soft_wrap=True)  # fmt: skip
