@@ -282,6 +282,8 @@ def attention_path(config: Any) -> str:
 
     if attn.has_flash_attn_with_paged and not config.no_flash_attn:
         return "flash-attn (paged)"
+    if attn.has_flash_attn and not config.no_flash_attn:  # 2.2.1 <= flash-attn < 2.5.7: causal, not paged
+        return "flash-attn < 2.5.7 (unpaged, batch 1; >= 2.5.7 batches)"
     if attn.has_xformers and not config.no_xformers:
         return "xformers (unpaged, batch 1)"
     config.no_sdpa = True
