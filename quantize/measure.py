@@ -21,12 +21,12 @@ from typing import Any
 from torch import Tensor
 
 from runtime.errors import UserError
-from runtime.version import VERSION
 from runtime.exl2_format import pad_columns, storage_bits
 from runtime.model import load_layer
 from runtime.outputs import atomic_write_json
 from runtime.progress import Progress
 from runtime.text import DECODER_LINEARS, layer_prefix
+from runtime.version import VERSION
 from runtime.weights import Checkpoint
 
 from .block import BLOCKS, RESIDUAL_LINEARS, BlockRunner, block_specs, energy

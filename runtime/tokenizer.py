@@ -85,15 +85,15 @@ class PixtralTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (as mistral-common encodes it); special-token strings become special ids
         (a raw prompt, as TabbyAPI's completions take it)."""
-        if self._space_prefix and text.startswith((" ", "▁")):
-            text = " " + text
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(self._with_dummy_prefix(text), add_special_tokens=False).ids
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` with every special-token string in it encoded as ordinary text."""
-        if self._space_prefix and text.startswith((" ", "▁")):
-            text = " " + text
-        return _plain_tokenizers(self._file_key)[0].encode(text, add_special_tokens=False).ids
+        return _plain_tokenizers(self._file_key)[0].encode(self._with_dummy_prefix(text), add_special_tokens=False).ids
+
+    def _with_dummy_prefix(self, text: str) -> str:
+        """Text that starts a prompt: keep SentencePiece's dummy "▁" where Metaspace would skip it."""
+        return " " + text if self._space_prefix and text.startswith((" ", "▁")) else text
 
     def _escape(self, value: Any) -> Any:
         """`value` (a message, part, tool or call, recursively) with special-token strings broken."""

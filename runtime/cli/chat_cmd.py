@@ -69,10 +69,10 @@ def chat(
     counts and speed after each reply. Lines piped on stdin are read as typed (for scripts)."""
     from runtime.backends import BackendConfig, load_backend
     from runtime.chat import ChatSession
-    from runtime.engine import Engine, GenerationParams
-    from runtime.sampling import SamplingParams
     from runtime.config import load_config
+    from runtime.engine import Engine, GenerationParams
     from runtime.image import open_image
+    from runtime.sampling import SamplingParams
     from runtime.tokenizer import PixtralTokenizer
 
     set_threads(threads)

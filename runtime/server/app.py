@@ -200,7 +200,7 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
 
     # --- OpenAI -----------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(permission)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
         loaded = await host.for_request(body.model, level == ADMIN)
         prompt, forced = await asyncio.to_thread(chat_prompt, loaded, body, config)  # images and the template, off the loop
@@ -209,7 +209,7 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
             return StreamingResponse(chat_stream(run, body, prompt, forced), media_type="text/event-stream", headers=SSE_HEADERS)
         return await chat_completion(run, body, prompt, forced)
 
-    @app.post("/v1/completions", dependencies=[Depends(permission)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
         loaded = await host.for_request(body.model, level == ADMIN)
         prompts = await asyncio.to_thread(completion_prompts, loaded, body, config)

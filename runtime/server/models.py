@@ -83,7 +83,7 @@ class ModelHost:
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
 
-    def require(self, name: str | None = None) -> Loaded:
+    def require(self) -> Loaded:
         """The loaded model (a request's `model` field is resolved by `for_request`)."""
         if self.loaded is None:
             raise NoModelLoaded("no model is loaded; load one with POST /v1/model/load")
