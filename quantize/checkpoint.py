@@ -14,13 +14,13 @@ import json
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from runtime.config import with_top_level_context
 from runtime.exl2_checkpoint import natural_key, validate_layer
 from runtime.exl2_format import FormatError
+from runtime.exl2_metadata import EXL2Metadata
 from runtime.outputs import atomic_directory, write_json
 from runtime.weights import Checkpoint, ShardWriter
 
@@ -46,7 +46,7 @@ def write_exl2_checkpoint(
     source_dir: str | Path,
     quantized_prefixes: Iterable[str],
     load_quantized: Callable[[str], dict[str, torch.Tensor]],
-    quantization_config: dict[str, Any],
+    metadata: EXL2Metadata,
     shard_mb: int = DEFAULT_SHARD_MB,
     force: bool = False,
     extra_files: Callable[[Path], dict[str, bytes]] | None = None,
@@ -77,7 +77,7 @@ def write_exl2_checkpoint(
         writer.finish()
         copy_side_files(source_dir, tmp)
         config = with_top_level_context(json.loads((source_dir / "config.json").read_text(encoding="utf-8")))
-        config["quantization_config"] = quantization_config
+        config["quantization_config"] = metadata.to_json()
         write_json(tmp / "config.json", config)
         for name, data in (extra_files(tmp) if extra_files else {}).items():  # e.g. the model card, which needs the shard sizes
             (tmp / name).write_bytes(data)

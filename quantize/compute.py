@@ -1,13 +1,11 @@
 """Where and how the quantizer computes: the one place with device policy.
 
 fp32 on the CPU; fp16 activations on CUDA (as exllamav2), with the GPTQ group step as a Triton
-kernel there. `legacy` keeps the previous algorithm (the full 97-point scale search, every anchor
-from scratch, every error by a forward pass) for the benchmark's before/after comparison.
+kernel there. (The previous algorithm is compared in bench/quantize.py, at a pinned revision.)
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +20,15 @@ class Compute:
     device: torch.device
     dtype: torch.dtype
     damp: float = DAMP
-    legacy: bool = False
 
     @staticmethod
-    def for_device(name: str, damp: float = DAMP, legacy: bool = False) -> Compute:
+    def for_device(name: str, damp: float = DAMP) -> Compute:
         device = resolve_device(name)
-        return Compute(device, torch.float16 if device.type == "cuda" else torch.float32, damp, legacy)
+        return Compute(device, torch.float16 if device.type == "cuda" else torch.float32, damp)
 
     @property
     def group(self) -> GroupFn:
         """The GPTQ group step: the Triton kernel on CUDA, the torch reference elsewhere."""
-        if self.legacy:
-            return functools.partial(quantize_group, full_search=True)
         if self.device.type == "cuda":
             try:
                 from .gptq_triton import triton_quantize_group

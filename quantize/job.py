@@ -68,7 +68,8 @@ class QuantizeConfig:
     force: bool = False
     keep_work: bool = False
     check_weights: bool = True
-    legacy: bool = False  # the previous algorithm (benchmark baseline): full scale search, no reuse
+    workers: int = 1  # Ray workers (1: this process); not frozen: any count writes the same bytes
+    ray_address: str | None = None  # an existing Ray cluster (else a local one when workers > 1)
 
     def frozen(self) -> dict[str, Any]:
         """The settings a resumed job must share with the interrupted one."""
@@ -80,7 +81,6 @@ class QuantizeConfig:
             "measurement": str(self.measurement) if self.measurement else None,
             "damp": self.damp,
             "device": resolve_device(self.device).type,  # cpu computes in fp32, cuda in fp16: not mixable
-            "legacy": self.legacy,
         }
 
     def fingerprint(self) -> str:

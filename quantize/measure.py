@@ -11,10 +11,9 @@ Errors are relative squared errors of the block output, tokens weighted as the H
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,19 @@ from torch import Tensor
 
 from runtime.errors import UserError
 from runtime.exl2_format import pad_columns, storage_bits
-from runtime.model import load_layer
 from runtime.outputs import atomic_write_json
 from runtime.progress import Progress
 from runtime.text import DECODER_LINEARS, layer_prefix
 from runtime.version import VERSION
-from runtime.weights import Checkpoint
 
 from .block import BLOCKS, RESIDUAL_LINEARS, BlockRunner, block_specs, energy
 from .candidates import GROUP_ROWS, Candidate, anchor_candidates, linear_shapes
 from .compute import Compute
 from .gptq import GPTQResult, PreparedHessian, gptq_quantize, output_error, prepare_hessian
+from .hessian import HessianAccumulator
 from .job import MEASUREMENT_FILE, JobContext, JobState, save_state
-from .streams import current_location, next_location
+from .parallel import MeasureLinear, StreamBlock, Task, Workers
+from .streams import current_location
 
 MEASUREMENT_FORMAT = "pixtral-exl2-measurement"
 MEASUREMENT_VERSION = 1
@@ -62,12 +61,8 @@ class LinearMeasurement:
 
 def anchor_runs(W: Tensor, Hp: PreparedHessian, rows: int, compute: Compute) -> Iterator[tuple[Candidate, GPTQResult]]:
     """GPTQ of every anchor of a linear with `rows` inputs; each pure width first, then the mixes
-    that start with it, continued from its snapshot (legacy: every anchor from scratch)."""
+    that start with it, continued from its snapshot."""
     candidates = anchor_candidates(rows)
-    if compute.legacy:
-        for candidate in candidates:
-            yield candidate, gptq_quantize(W, Hp, candidate.plan(rows), group=compute.group)
-        return
     pure = {c.lo if c.hi_rows == 0 else c.hi: c for c in candidates if c.hi_rows in (0, rows)}
     mixes: dict[int, list[Candidate]] = {}
     for c in candidates:
@@ -83,66 +78,91 @@ def anchor_runs(W: Tensor, Hp: PreparedHessian, rows: int, compute: Compute) -> 
             yield mix, gptq_quantize(W, Hp, mix.plan(rows), group=compute.group, start=snapshot)
 
 
+@dataclass
+class BlockInputs:
+    """What every linear of a block is measured against: the rows (on the compute device for the many
+    passes), the Hessians, the fp16 outputs and their energy."""
+
+    rows: list[Tensor]
+    accumulators: dict[str, HessianAccumulator]
+    reference: list[Tensor]
+    total: float
+    weights: Sequence[Tensor] | None
+    prepared: dict[str, PreparedHessian] = field(default_factory=dict)
+
+    def hessian(self, group: str, damp: float) -> PreparedHessian:
+        if group not in self.prepared:
+            self.prepared[group] = prepare_hessian(self.accumulators[group].result(), damp)
+        return self.prepared[group]
+
+
+def block_inputs(runner: BlockRunner, block: str, states: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> BlockInputs:
+    """One pass of the block over the measurement rows: its Hessians and fp16 outputs."""
+    on_device = runner.compute.device.type != "cpu"
+    rows_in = runner.resident(states) if on_device else list(states)
+    accumulators, reference = runner.hessians(block, rows_in, weights, on_device)
+    return BlockInputs(rows_in, accumulators, reference, energy(reference, weights), weights)
+
+
+def measure_linear(runner: BlockRunner, block: str, name: str, inputs: BlockInputs, tick: Callable[[], None] = lambda: None) -> list[AnchorResult]:
+    """Every anchor of one linear, with only that linear quantized; the runner's layer is left as it was."""
+    spec = next(s for s in block_specs(block) if s.name == name)
+    original = runner.layer.get_submodule(name).weight.data.clone()
+    K, columns = original.shape[1], pad_columns(original.shape[0])
+    accumulator, weight = inputs.accumulators[spec.hessian_group], original.float()
+    H_mean = accumulator.result() if name in RESIDUAL_LINEARS else None  # once per linear: K² work (down_proj: 14336²)
+    found = []
+    for candidate, result in anchor_runs(weight, inputs.hessian(spec.hessian_group, runner.compute.damp), K, runner.compute):
+        if H_mean is not None:
+            error = output_error(weight, result.weight, H_mean, accumulator.tokens) / inputs.total
+        else:
+            runner.set_weight(name, result.weight)
+            error = runner.squared_error(block, inputs.rows, inputs.reference, inputs.weights) / inputs.total
+        found.append(AnchorResult(candidate, storage_bits(candidate.plan(K), columns), error))
+        tick()
+    runner.set_weight(name, original)
+    return sorted(found, key=lambda a: a.candidate)
+
+
 def measure_block(
     runner: BlockRunner, block: str, states: Sequence[Tensor], tick: Callable[[], None] = lambda: None,
     weights: Sequence[Tensor] | None = None,
 ) -> tuple[dict[str, list[AnchorResult]], list[Tensor]]:  # fmt: skip
     """Every anchor of every linear of the block; returns the results per linear and the block's
     fp16 outputs (the next block's input, on the CPU)."""
-    compute = runner.compute
-    on_device = compute.device.type != "cpu"
-    rows_in = runner.resident(states) if on_device else list(states)
-    accumulators, reference = runner.hessians(block, rows_in, weights, on_device)
-    total = energy(reference, weights)
-    prepared = {group: prepare_hessian(acc.result(), compute.damp) for group, acc in accumulators.items()}
-    results: dict[str, list[AnchorResult]] = {}
-    for spec in block_specs(block):
-        original = runner.layer.get_submodule(spec.name).weight.data.clone()
-        K, columns = original.shape[1], pad_columns(original.shape[0])
-        accumulator, weight = accumulators[spec.hessian_group], original.float()
-        exact = spec.name in RESIDUAL_LINEARS and not compute.legacy
-        H_mean = accumulator.result() if exact else None  # once per linear: K² work (down_proj: 14336²)
-        found = []
-        for candidate, result in anchor_runs(weight, prepared[spec.hessian_group], K, compute):
-            if H_mean is not None:
-                error = output_error(weight, result.weight, H_mean, accumulator.tokens) / total
-            else:
-                runner.set_weight(spec.name, result.weight)
-                error = runner.squared_error(block, rows_in, reference, weights) / total
-            found.append(AnchorResult(candidate, storage_bits(candidate.plan(K), columns), error))
-            tick()
-        results[spec.name] = sorted(found, key=lambda a: a.candidate)
-        runner.set_weight(spec.name, original)
-    return results, [r.half().cpu() for r in reference]
+    inputs = block_inputs(runner, block, states, weights)
+    results = {spec.name: measure_linear(runner, block, spec.name, inputs, tick) for spec in block_specs(block)}
+    return results, [r.half().cpu() for r in inputs.reference]
 
 
-def run_measure(ctx: JobContext, state: JobState) -> JobState:
+def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
     """MEASURE: every anchor of every linear, block by block on the fp16 stream of the measurement
-    rows; a checkpoint after each block (its errors, and where the stream's rows are)."""
+    rows (each linear, and the stream's pass into its next buffer, a task: in parallel on Ray
+    workers); a checkpoint after each block (its errors, and where the stream's rows are)."""
     if ctx.config.measurement is not None:
         return state
-    count, blocks = ctx.config.calibration.measure_rows, 2 * ctx.layers
-    weights = ctx.token_weights(count)
+    count, blocks, total = ctx.config.calibration.measure_rows, 2 * ctx.layers, ctx.layers * len(DECODER_LINEARS)
     partial_path = ctx.work / PARTIAL_MEASUREMENT
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
-    steps = sum(len(anchor_candidates(spec.shape(ctx.cfg.text)[1])) for spec in DECODER_LINEARS)
-    done = itertools.count(state.blocks_done // 2 * steps + 1)
-    runner = None
-    with Checkpoint(ctx.config.model_dir) as ckpt:
-        for index in range(state.blocks_done, blocks):
-            layer, block = divmod(index, 2)
-            if runner is None or block == 0:
-                runner = BlockRunner(load_layer(ckpt, ctx.cfg, layer), ctx.cfg.text, ctx.config.calibration.length, ctx.compute)
-            source = current_location(state.streams, "m")
-            tick = lambda layer=layer: ctx.progress(Progress("measure", next(done), ctx.layers * steps, f"layer {layer + 1}/{ctx.layers}"))
-            results, outputs = measure_block(runner, BLOCKS[block], list(ctx.store.rows(source, count)), tick, weights)
-            target = next_location("m", source)
-            for row, output in enumerate(outputs):
-                ctx.store.write(target, row, output)
-            partial.update({layer_prefix(layer) + name: anchors_to_json(anchors) for name, anchors in results.items()})
-            atomic_write_json(partial_path, partial)
-            state = replace(state, blocks_done=index + 1, streams={**state.streams, "m": target})
-            save_state(ctx.work, state)
+    for index in range(state.blocks_done, blocks):
+        layer, block = divmod(index, 2)
+        source = current_location(state.streams, "m")
+        specs = block_specs(BLOCKS[block])
+        tasks: list[Task] = [MeasureLinear(layer, BLOCKS[block], spec.name, source, count) for spec in specs]
+        tasks.append(StreamBlock("m", layer, BLOCKS[block], source, count))
+
+        done = iter(range(layer * len(DECODER_LINEARS) + (len(DECODER_LINEARS) - len(specs) if block else 0) + 1, total + 1))
+
+        def report(task: Task, worker: int, _result: object, layer: int = layer) -> None:
+            if isinstance(task, MeasureLinear):
+                where = f", worker {worker + 1}" if workers.count > 1 else ""
+                ctx.progress(Progress("measure", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.name}{where}"))
+
+        *results, target = workers.map(tasks, report)
+        partial.update({layer_prefix(layer) + spec.name: anchors_to_json(anchors) for spec, anchors in zip(specs, results)})
+        atomic_write_json(partial_path, partial)
+        state = replace(state, blocks_done=index + 1, streams={**state.streams, "m": target})
+        save_state(ctx.work, state)
     shapes = linear_shapes(ctx.cfg)
     measurements = {name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()}
     atomic_write_json(Path(ctx.config.out_dir) / MEASUREMENT_FILE, measurement_to_json(measurements, _meta(ctx)))

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from calibration.rows import build_rows
+from runtime.config import PixtralConfig, load_config
 from runtime.errors import OptionError
 from runtime.eval.card import render_card
+from runtime.exl2_metadata import CalibrationInfo, EXL2Metadata
 from runtime.model import PixtralModel, load_module
 from runtime.outputs import atomic_write_bytes
 from runtime.progress import Progress, ProgressFn
@@ -46,7 +48,8 @@ from .job import (
     tier_name,
 )
 from .measure import QUANTIZER_VERSION, run_measure
-from .preflight import check_model, check_plan
+from .parallel import InProcess, Workers, connect_workers
+from .preflight import check_model, check_plan, scan_weights
 from .streams import EMBEDDED, RowStore, load_rows, save_rows
 from .tiers import HEAD, run_tiers
 
@@ -65,17 +68,28 @@ class TierResult:
 def run_quantize(config: QuantizeConfig, progress: ProgressFn | None = None) -> list[TierResult]:
     """Run (or resume) the whole job; return one result per tier."""
     progress = progress or (lambda event: None)
-    cfg = check_model(Path(config.model_dir), check_values=False)
+    cfg, tokenizer = check_model(Path(config.model_dir))
     check_plan(config, cfg)
+    ray_workers = connect_workers(config, cfg)  # a cluster that cannot be reached fails before any work
+    try:
+        return _run_job(config, cfg, tokenizer, progress, ray_workers)
+    finally:
+        if ray_workers is not None:
+            ray_workers.close()
+
+
+def _run_job(config: QuantizeConfig, cfg: PixtralConfig, tokenizer: PixtralTokenizer, progress: ProgressFn,
+             ray_workers: Workers | None) -> list[TierResult]:  # fmt: skip
     state = _resumed_job(config)
     if state is None and config.resume and all(_is_exl2_dir(Path(config.out_dir) / tier_name(b)) for b in config.tiers):
         return [_finished_tier(Path(config.out_dir) / tier_name(b)) for b in sorted(config.tiers)]  # nothing left to do
-    state = state or _start_job(config, progress)
+    state = state or _start_job(config, tokenizer, progress)
     store = RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size)
-    ctx = JobContext(config, cfg, Compute.for_device(config.device, config.damp, config.legacy), store, progress)
+    ctx = JobContext(config, cfg, Compute.for_device(config.device, config.damp), store, progress)
+    workers = ray_workers or InProcess(ctx)
     for stage in STAGES[STAGES.index(state.stage) : STAGES.index(Stage.DONE)]:
         started = time.monotonic()
-        state = STAGE_RUNNERS[stage](ctx, state)
+        state = STAGE_RUNNERS[stage](ctx, state, workers)
         timings = {**state.timings, stage.value: state.timings.get(stage.value, 0.0) + time.monotonic() - started}
         state = replace(state, stage=STAGES[STAGES.index(stage) + 1], blocks_done=0, timings=timings)
         save_state(ctx.work, state)
@@ -93,14 +107,14 @@ def _resumed_job(config: QuantizeConfig) -> JobState | None:
     return saved
 
 
-def _start_job(config: QuantizeConfig, progress: ProgressFn) -> JobState:
+def _start_job(config: QuantizeConfig, tokenizer: PixtralTokenizer, progress: ProgressFn) -> JobState:
     """CALIBRATE: build the rows and scan the weights before anything is written, so bad input
     fails fast and leaves no output behind; then create the work directory."""
     started = time.monotonic()
     progress(Progress("calibrate", 0, 1, "building calibration rows"))
-    rows = build_rows(config.calibration, PixtralTokenizer(config.model_dir))
+    rows = build_rows(config.calibration, tokenizer)
     if config.check_weights:
-        check_model(Path(config.model_dir), True, lambda d, t: progress(Progress("check weights", d, t)))
+        scan_weights(Path(config.model_dir), lambda d, t: progress(Progress("check weights", d, t)))
     if config.force and Path(config.out_dir).exists():
         shutil.rmtree(config.work_dir, ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,7 @@ def _start_job(config: QuantizeConfig, progress: ProgressFn) -> JobState:
 
 
 @torch.no_grad()
-def stage_embed(ctx: JobContext, state: JobState) -> JobState:
+def stage_embed(ctx: JobContext, state: JobState, _workers: Workers) -> JobState:
     """EMBED: the decoder input of every row, image features at the `[IMG]` positions."""
     rows, dtype, device = load_rows(ctx.work / ROWS_FILE), ctx.compute.dtype, ctx.compute.device
     with torch.device("meta"):
@@ -131,7 +145,7 @@ def stage_embed(ctx: JobContext, state: JobState) -> JobState:
     return state
 
 
-def stage_compile(ctx: JobContext, state: JobState) -> JobState:
+def stage_compile(ctx: JobContext, state: JobState, _workers: Workers) -> JobState:
     """COMPILE: each tier's complete model directory and card (atomically); a tier already written is kept."""
     spec = ctx.config.calibration
     tiers = dict(state.tiers)
@@ -139,14 +153,13 @@ def stage_compile(ctx: JobContext, state: JobState) -> JobState:
         tier, out = tiers[name], Path(ctx.config.out_dir) / name
         if tier.compiled or (ctx.config.resume and _is_exl2_dir(out)):
             continue  # finished by this job (a kill can fall between the rename and the job update)
-        qconfig = {"quant_method": "exl2", "version": EXLLAMAV2_VERSION, "bits": tier.target_bpw, "head_bits": ctx.config.head_bits,
-                   "source_model": Path(ctx.config.model_dir).resolve().name,
-                   "calibration": {"rows": spec.rows, "length": spec.length, "dataset": spec.dataset_name(), "images": state.images,
-                                   "image_token_weight": spec.image_token_weight},
-                   "quantizer": QUANTIZER_VERSION, "decoder_bpw": round(tier.bpw, 4), "head_bpw": round(tier.head_bpw or 0.0, 4),
-                   "calibration_kl": tier.calibration_kl, "measure_rows": spec.measure_rows}  # fmt: skip
-        write_exl2_checkpoint(out, ctx.config.model_dir, [*tier.plans, HEAD], _quantized_loader(ctx.work / "quantized" / name), qconfig,
-                              ctx.config.shard_mb, force=True, extra_files=lambda tmp, q=qconfig, t=name: _card(t, q, tmp))  # fmt: skip
+        calibration = CalibrationInfo(spec.rows, spec.length, spec.dataset_name(), state.images, spec.image_token_weight)
+        metadata = EXL2Metadata(version=EXLLAMAV2_VERSION, bits=tier.target_bpw, head_bits=ctx.config.head_bits,
+                                source_model=Path(ctx.config.model_dir).resolve().name, calibration=calibration,
+                                quantizer=QUANTIZER_VERSION, decoder_bpw=round(tier.bpw, 4), head_bpw=round(tier.head_bpw or 0.0, 4),
+                                calibration_kl=tier.calibration_kl, measure_rows=spec.measure_rows)  # fmt: skip
+        write_exl2_checkpoint(out, ctx.config.model_dir, [*tier.plans, HEAD], _quantized_loader(ctx.work / "quantized" / name), metadata,
+                              ctx.config.shard_mb, force=True, extra_files=lambda tmp, m=metadata, t=name: _card(t, m, tmp))  # fmt: skip
         tiers[name] = replace(tier, compiled=True)
         state = replace(state, tiers=tiers)
         save_state(ctx.work, state)
@@ -156,9 +169,9 @@ def stage_compile(ctx: JobContext, state: JobState) -> JobState:
     return state
 
 
-def _card(tier: str, qconfig: dict, tier_dir: Path) -> dict[str, bytes]:
+def _card(tier: str, metadata: EXL2Metadata, tier_dir: Path) -> dict[str, bytes]:
     """The tier's README.md model card, with what quantize knows (eval adds the measured quality)."""
-    return {"README.md": render_card(tier, qconfig, weights_bytes(tier_dir)).encode("utf-8")}
+    return {"README.md": render_card(tier, metadata, weights_bytes(tier_dir)).encode("utf-8")}
 
 
 def _is_exl2_dir(path: Path) -> bool:
@@ -188,9 +201,10 @@ def _quantized_loader(qdir: Path) -> Callable[[str], dict[str, torch.Tensor]]:
 
 def _finished_tier(path: Path) -> TierResult:
     """A tier written earlier, as its config.json and files describe it."""
-    quant = json.loads((path / "config.json").read_text())["quantization_config"]
-    return TierResult(path.name, quant["bits"], quant["decoder_bpw"], quant.get("head_bpw", 0.0), weights_bytes(path),
-                      quant.get("calibration_kl") or float("nan"), path)  # fmt: skip
+    meta = load_config(path).quantization
+    assert meta is not None  # _is_exl2_dir said so
+    return TierResult(path.name, meta.bits, meta.decoder_bpw or meta.bits, meta.head_bpw or 0.0, weights_bytes(path),
+                      meta.calibration_kl or float("nan"), path)  # fmt: skip
 
 
 def _results(ctx: JobContext, state: JobState) -> list[TierResult]:
@@ -202,7 +216,7 @@ def _results(ctx: JobContext, state: JobState) -> list[TierResult]:
     return out
 
 
-STAGE_RUNNERS: dict[Stage, Callable[[JobContext, JobState], JobState]] = {
+STAGE_RUNNERS: dict[Stage, Callable[[JobContext, JobState, Workers], JobState]] = {
     Stage.EMBED: stage_embed,
     Stage.MEASURE: run_measure,
     Stage.QUANTIZE: run_tiers,

@@ -11,13 +11,14 @@ import torch
 from runtime.config import PixtralConfig, load_config
 from runtime.device import resolve_device
 from runtime.errors import OptionError, check_range
-from runtime.exl2_format import pad_columns
+from runtime.exl2_format import pad_columns, storage_bits
+from runtime.model import parameter_counts
 from runtime.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable, read_marker
 from runtime.text import DECODER_LINEARS
 from runtime.tokenizer import PixtralTokenizer
 from runtime.weights import Checkpoint, WeightsError
 
-from .candidates import HEAD_OPTIONS, linear_shapes
+from .candidates import HEAD_OPTIONS, head_plan, linear_shapes
 from .job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
 from .measure import MeasurementError, load_measurement, measurement_from_json
 from .plan import is_exllamav2_measurement, minimum_bpw
@@ -27,10 +28,11 @@ FLOAT_DTYPES = {"F16", "BF16", "F32"}
 MAX_BPW = 8.0
 
 
-def check_model(model_dir: Path, check_values: bool, tick: Callable[[int, int], None] = lambda d, t: None) -> PixtralConfig:
-    """Config, tokenizer, one float dtype throughout, every tensor present, and (optionally) no NaN/inf."""
+def check_model(model_dir: Path) -> tuple[PixtralConfig, PixtralTokenizer]:
+    """Config, tokenizer, one float dtype throughout, every tensor present (in seconds: no tensor is
+    read); returns the config and the tokenizer for the job."""
     cfg = load_config(model_dir)
-    PixtralTokenizer(model_dir)
+    tokenizer = PixtralTokenizer(model_dir)
     with Checkpoint(model_dir) as ckpt:
         names = ckpt.names()
         if any(n.endswith(".q_weight") for n in names):
@@ -47,13 +49,19 @@ def check_model(model_dir: Path, check_values: bool, tick: Callable[[int, int], 
                 raise WeightsError(f"{model_dir}: tensor {prefix}.weight missing (needed by config.json)")
             if ckpt.shape(prefix + ".weight")[1] != rows:
                 raise WeightsError(f"{ckpt.shard_of(prefix + '.weight')}: {prefix}.weight has {ckpt.shape(prefix + '.weight')[1]} inputs, config says {rows}")
-        if check_values:
-            for done, name in enumerate(names, start=1):
-                tensor = ckpt.get(name)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise WeightsError(f"{ckpt.shard_of(name)}: tensor {name} contains NaN or inf values")
-                tick(done, len(names))
-    return cfg
+    return cfg, tokenizer
+
+
+def scan_weights(model_dir: Path, tick: Callable[[int, int], None] = lambda d, t: None) -> None:
+    """Every float tensor finite (one pass over the weights, streamed: the slow check, run after the
+    fast ones and before any long work)."""
+    with Checkpoint(model_dir) as ckpt:
+        names = ckpt.names()
+        for done, name in enumerate(names, start=1):
+            tensor = ckpt.get(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise WeightsError(f"{ckpt.shard_of(name)}: tensor {name} contains NaN or inf values")
+            tick(done, len(names))
 
 
 MAX_ROWS = 100_000
@@ -83,6 +91,10 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise OptionError(f"--bpw: {repeated[0].removesuffix('bpw')} is given more than once")
+    if config.workers > 1 or config.ray_address is not None:
+        from .parallel import ray_module
+
+        ray_module()  # installed, or a one-line error saying how
     if config.head_bits not in HEAD_OPTIONS:
         raise OptionError(f"--head-bits: expected one of {', '.join(map(str, sorted(HEAD_OPTIONS)))}, got {config.head_bits}")
     lowest = minimum_bpw(linear_shapes(cfg))
@@ -164,10 +176,19 @@ def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
             raise MeasurementError(f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model")
 
 
+def tier_bytes(cfg: PixtralConfig, bpw: float, head_bits: int) -> int:
+    """A tier's size on disk: the decoder's linears at `bpw` (exllamav2's accounting, which the
+    allocation lands within 0.01), the head at `head_bits`, everything else fp16 as the source."""
+    counts, t = parameter_counts(cfg), cfg.text
+    head = t.vocab_size * t.hidden_size
+    fp16 = counts["total"] - counts["decoder_linears"] - head
+    return int(counts["decoder_linears"] * bpw / 8 + storage_bits(head_plan(t.hidden_size, head_bits), t.vocab_size) / 8 + 2 * fp16)
+
+
 def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
     """Peak host RAM (computing on the CPU) and peak disk of a job, from the shapes the code handles.
 
-    RAM: the largest of (a) measuring the widest linear: its layer in fp32, the measurement rows and
+    RAM (per worker; `ram_all_workers` for --workers N on one host): the largest of (a) measuring the widest linear: its layer in fp32, the measurement rows and
     their reference outputs, the four Hessians and their factors, GPTQ's three work matrices plus up to
     three snapshots of them, two weight copies; (b) a tier's head: the head weight and three work
     matrices, and the fp16 reference distributions the calibration KL is taken against.
@@ -184,4 +205,5 @@ def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
     head = 4 * pad_columns(t.vocab_size) * t.hidden_size * 4 + spec.measure_rows * 64 * t.vocab_size * 2 + 2 * 4 * t.hidden_size**2
     params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
     disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(params * sum(config.tiers) / 8)
-    return {"ram": int(max(measure, head)), "disk": int(disk)}
+    # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA); the row states are shared on disk
+    return {"ram": int(max(measure, head)), "ram_all_workers": int(max(measure, head)) * config.workers, "disk": int(disk)}

@@ -34,7 +34,7 @@ def inspect_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             entry["dtypes"].add(ckpt.weights.dtype(name))
         report = {
             "model_dir": str(model_dir),
-            "quantization_config": ckpt.config.extra.get("quantization_config"),
+            "quantization_config": ckpt.config.quantization.to_json() if ckpt.config.quantization else None,
             "layers": [
                 {
                     "name": s.name,

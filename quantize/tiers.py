@@ -7,7 +7,6 @@ KL), then each tier's block is quantized and run; a checkpoint follows every blo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.exl2_format import GroupPlan, bits_per_weight
-from runtime.model import load_layer
 from runtime.progress import Progress
 from runtime.text import RMSNorm, layer_prefix
 from runtime.weights import Checkpoint
@@ -29,6 +27,7 @@ from .gptq import GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
 from .hessian import HessianAccumulator
 from .job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
 from .measure import load_measurement, measurement_from_json
+from .parallel import StreamBlock, Task, TierBlock, TierHead, Workers
 from .plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
 from .streams import EMBED, current_location, next_location, save_tensors
 
@@ -92,41 +91,37 @@ class HeadQuantizer:
         return total / max(count, 1)
 
 
-def run_tiers(ctx: JobContext, state: JobState) -> JobState:
-    """QUANTIZE: allocate every tier's layouts (once), then block by block, then the heads."""
+def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
+    """QUANTIZE: allocate every tier's layouts (once), then block by block (the reference stream and
+    every tier's block as tasks, in parallel on Ray workers), then the heads."""
     if not state.tiers:
         state = replace(state, tiers=allocate_tiers(ctx))
         save_state(ctx.work, state)
     rows, count, tiers = ctx.config.calibration.rows, ctx.config.calibration.measure_rows, sorted(state.tiers)
-    weights = ctx.token_weights(rows)
-    length = ctx.config.calibration.length
-    with Checkpoint(ctx.config.model_dir) as ckpt:
-        base = None
-        for index in range(state.blocks_done, 2 * ctx.layers):
-            layer, which = divmod(index, 2)
-            block = BLOCKS[which]
-            if base is None or which == 0:
-                base = load_layer(ckpt, ctx.cfg, layer)
-            streams = dict(state.streams)
-            reference = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
-            streams["ref"] = _advance(ctx, reference, block, "ref", current_location(streams, "ref"), count)
-            for done, tier in enumerate(tiers, start=1):
-                runner = BlockRunner(copy.deepcopy(base), ctx.cfg.text, length, ctx.compute)
-                source = current_location(streams, tier)
-                plans = {s.name: state.tiers[tier].plan(layer_prefix(layer) + s.name) for s in block_specs(block)}
-                tensors = quantize_block(runner, block, ctx.store.rows(source, rows), plans, weights)
-                folder = ctx.work / "quantized" / tier
-                folder.mkdir(parents=True, exist_ok=True)
-                save_tensors(folder / f"layer-{layer}-{block}.safetensors",
-                             {f"{layer_prefix(layer)}{n}.{k}": v for n, d in tensors.items() for k, v in d.items()})  # fmt: skip
-                streams[tier] = _advance(ctx, runner, block, tier, source, rows)
-                ctx.progress(Progress("quantize", index * len(tiers) + done, 2 * ctx.layers * len(tiers), f"layer {layer + 1}/{ctx.layers}, {tier}"))
-            state = replace(state, blocks_done=index + 1, streams=streams)
-            save_state(ctx.work, state)
-        return quantize_heads(ctx, ckpt, state, weights)
+    total = 2 * ctx.layers * len(tiers)
+    for index in range(state.blocks_done, 2 * ctx.layers):
+        layer, which = divmod(index, 2)
+        block = BLOCKS[which]
+        streams = dict(state.streams)
+        tasks: list[Task] = [StreamBlock("ref", layer, block, current_location(streams, "ref"), count)]
+        for tier in tiers:
+            plans = {s.name: state.tiers[tier].plans[layer_prefix(layer) + s.name] for s in block_specs(block)}
+            tasks.append(TierBlock(tier, layer, block, plans, current_location(streams, tier), rows))
+        done = iter(range(index * len(tiers) + 1, total + 1))
+
+        def report(task: Task, worker: int, _result: object, layer: int = layer) -> None:
+            if isinstance(task, TierBlock):
+                where = f" (worker {worker + 1})" if workers.count > 1 else ""
+                ctx.progress(Progress("quantize", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.tier}{where}"))
+
+        for task, target in zip(tasks, workers.map(tasks, report)):
+            streams[task.tier if isinstance(task, TierBlock) else task.stream] = target
+        state = replace(state, blocks_done=index + 1, streams=streams)
+        save_state(ctx.work, state)
+    return quantize_heads(ctx, state, workers)
 
 
-def _advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, source: str, count: int) -> str:
+def advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, source: str, count: int) -> str:
     """Run the block over a stream's rows, one at a time, into its other buffer; return that buffer."""
     target = next_location(stream, source)
     for row, state in enumerate(ctx.store.rows(source, count)):
@@ -150,27 +145,40 @@ def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
 
 
 @torch.no_grad()
-def quantize_heads(ctx: JobContext, ckpt: Checkpoint, state: JobState, weights: list[Tensor] | None) -> JobState:
-    """Each tier's head on its final stream, and its calibration KL against the fp16 reference."""
-    norm = RMSNorm(ctx.cfg.text.hidden_size, ctx.cfg.text.rms_norm_eps).to(ctx.compute.device)
-    norm.weight.data = ckpt.get("language_model.model.norm.weight").to(ctx.compute.device, ctx.compute.dtype)
-    heads = HeadQuantizer(norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute)
-    count, rows = ctx.config.calibration.measure_rows, ctx.config.calibration.rows
-    for row in ctx.store.rows(current_location(state.streams, "ref"), count):
-        heads.add_reference(row)
+def quantize_head(ctx: JobContext, heads: dict[str, HeadQuantizer], tier: str, location: str, reference: str) -> tuple[float, float]:
+    """One tier's head on its final stream (tensors saved in the work directory); returns its bpw and
+    calibration KL. `heads` keeps the fp16 reference per reference stream for the next tier."""
+    if reference not in heads:
+        with Checkpoint(ctx.config.model_dir) as ckpt:
+            norm = RMSNorm(ctx.cfg.text.hidden_size, ctx.cfg.text.rms_norm_eps).to(ctx.compute.device)
+            norm.weight.data = ckpt.get("language_model.model.norm.weight").to(ctx.compute.device, ctx.compute.dtype)
+            heads[reference] = HeadQuantizer(norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute)
+        for row in ctx.store.rows(reference, ctx.config.calibration.measure_rows):
+            heads[reference].add_reference(row)
+    quantizer, rows, count = heads[reference], ctx.config.calibration.rows, ctx.config.calibration.measure_rows
+    plan = head_plan(quantizer.W.shape[1], ctx.config.head_bits)
+    result = quantizer.quantize(ctx.store.rows(location, rows), plan, ctx.token_weights(rows))
+    save_tensors(ctx.work / "quantized" / tier / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})
+    kl = quantizer.kl(ctx.store.rows(location, count), result.weight)
+    return bits_per_weight(plan, result.codes.shape[1]), kl
+
+
+def quantize_heads(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
+    """Each tier's head on its final stream and its calibration KL against the fp16 reference (tasks:
+    in parallel on Ray workers); the state is saved as each finishes."""
     tiers = dict(state.tiers)
-    for done, name in enumerate(sorted(tiers), start=1):
-        if tiers[name].head_bpw is not None:
-            continue  # done before an interruption
-        location = current_location(state.streams, name)
-        plan = head_plan(heads.W.shape[1], ctx.config.head_bits)
-        result = heads.quantize(ctx.store.rows(location, rows), plan, weights)
-        save_tensors(ctx.work / "quantized" / name / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})
-        kl = heads.kl(ctx.store.rows(location, count), result.weight)
-        tiers[name] = replace(tiers[name], head_bpw=bits_per_weight(plan, result.codes.shape[1]), calibration_kl=kl)
-        state = replace(state, tiers=tiers)
+    todo = [name for name in sorted(tiers) if tiers[name].head_bpw is None]  # others were done before an interruption
+    reference = current_location(state.streams, "ref")
+    finished = iter(range(len(tiers) - len(todo) + 1, len(tiers) + 1))
+
+    def save(task: Task, _worker: int, result: tuple[float, float]) -> None:
+        nonlocal state
+        tiers[task.tier] = replace(tiers[task.tier], head_bpw=result[0], calibration_kl=result[1])
+        state = replace(state, tiers=dict(tiers))
         save_state(ctx.work, state)
-        ctx.progress(Progress("quantize heads", done, len(tiers), name))
+        ctx.progress(Progress("quantize heads", next(finished), len(tiers), task.tier))
+
+    workers.map([TierHead(name, current_location(state.streams, name), reference) for name in todo], save)
     if not ctx.config.keep_work:
         for stream in ("ref", *tiers, EMBED):
             ctx.store.remove(stream)  # every tier has its layers and head: the row states are done with

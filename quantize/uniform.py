@@ -13,6 +13,7 @@ from torch import Tensor
 
 from runtime.config import load_config
 from runtime.exl2_format import GroupPlan
+from runtime.exl2_metadata import CalibrationInfo, EXL2Metadata
 from runtime.text import DECODER_LINEARS, layer_prefix
 from runtime.weights import Checkpoint
 
@@ -47,7 +48,7 @@ def write_uniform_tier(
         results[prefix] = result
         return pack_exl2(result, plan)
 
-    config = {"quant_method": "exl2", "version": EXLLAMAV2_VERSION, "bits": float(bits), "head_bits": head_bits,
-              "calibration": {"rows": 0, "length": 0, "dataset": "(none: uniform widths, no calibration)"}}  # fmt: skip
-    write_exl2_checkpoint(out, source, prefixes, load, config, shard_mb, force)
+    metadata = EXL2Metadata(version=EXLLAMAV2_VERSION, bits=float(bits), head_bits=head_bits,
+                            calibration=CalibrationInfo(rows=0, length=0, dataset="(none: uniform widths, no calibration)"))  # fmt: skip
+    write_exl2_checkpoint(out, source, prefixes, load, metadata, shard_mb, force)
     return results

@@ -2,8 +2,9 @@
 
 Where mistral-common accepts a conversation, the rendered text tokenizes to exactly its ids:
 12B (tekken) follows instruct V3 (no spaces around specials; every system message is joined into
-the last user turn); Large (SentencePiece) follows V7 (`[SYSTEM_PROMPT]` blocks in place, and an
-explicit space before each text chunk, which stands in for SentencePiece's per-chunk dummy prefix).
+the last user turn); Large (SentencePiece) follows V7 (`[SYSTEM_PROMPT]` blocks in place; its
+tokenizer.json adds SentencePiece's dummy prefix to each text run between specials, as mistral-common
+does per chunk, so no space is written for it).
 Mistral's `[text, image]` -> `[image, text]` swap and the `\\n\\n` join of adjacent text chunks are kept.
 
 Extensions beyond mistral-common (documented layout, ../shared/spec/pixtral.md §4.3):
@@ -29,7 +30,6 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _TEMPLATE = r"""
-{%- set SP = SPACE_BEFORE_TEXT %}
 {%- set ns = namespace(last_user=-1, first_user=-1, systems=[]) %}
 {%- for message in messages %}
     {%- if message.role == "user" %}{% set ns.last_user = loop.index0 %}{% if ns.first_user < 0 %}{% set ns.first_user = loop.index0 %}{% endif %}{% endif %}
@@ -43,7 +43,7 @@ _TEMPLATE = r"""
     {%- endif %}
     {{- lead }}
     {%- for chunk in chunks %}
-        {%- if chunk[0] == "image" %}{{ chunk[1] }}{% elif chunk[1] %}{{ SP ~ chunk[1] }}{% endif %}
+        {%- if chunk[0] == "image" %}{{ chunk[1] }}{% elif chunk[1] %}{{ chunk[1] }}{% endif %}
     {%- endfor %}
 {%- endmacro %}
 {%- macro render_content(content, lead) %}
@@ -58,7 +58,7 @@ _TEMPLATE = r"""
         {%- endfor %}
         {{- render_chunks(acc.chunks, lead) }}
     {%- elif content is string %}
-        {{- lead }}{% if content %}{{ SP ~ content }}{% endif %}
+        {{- lead }}{{ content }}
     {%- elif content is none %}
         {{- lead }}
     {%- else %}
@@ -90,7 +90,7 @@ _TEMPLATE = r"""
     {%- if message.role == "system" %}
         {%- if not MERGE_SYSTEM %}[SYSTEM_PROMPT]{{ render_content(message.content, "") }}[/SYSTEM_PROMPT]{% endif %}
     {%- elif message.role == "user" %}
-        {%- if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS]{{ SP ~ (tools | tojson) }}[/AVAILABLE_TOOLS]{% endif %}
+        {%- if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
         {%- set lead = (ns.systems | join("\n\n")) ~ "\n\n" if MERGE_SYSTEM and ns.systems and loop.index0 == ns.last_user else "" %}
         {{- "[INST]" ~ render_content(message.content, lead) ~ "[/INST]" }}
     {%- elif message.role == "assistant" %}
@@ -105,12 +105,12 @@ _TEMPLATE = r"""
         {%- if joins_previous %}
             {{- "\n\n" ~ message.content.rstrip(" ") }}
         {%- elif message.content is string %}
-            {%- if message.content.rstrip(" ") %}{{ SP ~ message.content.rstrip(" ") }}{% endif %}
+            {{- message.content.rstrip(" ") }}
         {%- elif message.content %}
             {{- render_content(message.content, "") }}
         {%- endif %}
         {%- if message.tool_calls %}
-            {{- "[TOOL_CALLS]" ~ SP ~ "[" }}
+            {{- "[TOOL_CALLS][" }}
             {%- for call in message.tool_calls %}{{ tool_call_json(call) }}{% if not loop.last %}, {% endif %}{% endfor %}
             {{- "]" }}
         {%- endif %}
@@ -125,15 +125,15 @@ _TEMPLATE = r"""
             {%- if message.content is not string %}{% for part in message.content if part.type.startswith("image") %}[IMG]{% endfor %}{% endif %}
             {{- "[/TOOL_RESULTS]" }}
         {%- else %}
-            {{- "[TOOL_RESULTS]" ~ SP ~ call_id ~ "[TOOL_CONTENT]" ~ render_content(message.content, "") ~ "[/TOOL_RESULTS]" }}
+            {{- "[TOOL_RESULTS]" ~ call_id ~ "[TOOL_CONTENT]" ~ render_content(message.content, "") ~ "[/TOOL_RESULTS]" }}
         {%- endif %}
     {%- endif %}
 {%- endfor %}
 {%- if MERGE_SYSTEM and ns.systems and ns.last_user < 0 %}{{ "[INST]" ~ (ns.systems | join("\n\n")) ~ "\n\n[/INST]" }}{% endif %}
 """
 
-# per tokenizer kind: (text chunks get a leading space, systems join the last user turn, V3 tool-result JSON)
-_FLAVOURS = {"tekken": ("", True, True), "spm": (" ", False, False)}
+# per tokenizer kind: (systems join the last user turn, V3 tool-result JSON)
+_FLAVOURS = {"tekken": (True, True), "spm": (False, False)}
 # how exllamav2 names an image embedding in text (generator/dynamic_embeddings.py: "<$EMB_{first_index}$>");
 # TabbyAPI flattens a message's parts into one string with these in place of the pictures
 EMBEDDING_ALIAS = "<$EMB_"
@@ -143,9 +143,8 @@ def chat_template(kind: str) -> str:
     """The Jinja chat template for a tokenizer kind ("tekken" for 12B, "spm" for Large)."""
     if kind not in _FLAVOURS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(_FLAVOURS)}")
-    space, merge_system, tool_json = _FLAVOURS[kind]
+    merge_system, tool_json = _FLAVOURS[kind]
     header = (
-        f"{{%- set SPACE_BEFORE_TEXT = {json.dumps(space)} %}}"
         f"{{%- set MERGE_SYSTEM = {str(merge_system).lower()} %}}"
         f"{{%- set TOOL_RESULT_JSON = {str(tool_json).lower()} %}}"
         f"{{%- set EMBEDDING_ALIAS = {json.dumps(EMBEDDING_ALIAS)} %}}"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .exl2_metadata import EXL2Metadata
 
 
 class ConfigError(UserError):
@@ -65,7 +66,7 @@ class PixtralConfig:
     projector_bias: bool = True
     bos_token_id: int = 1
     eos_token_id: int = 2
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    quantization: EXL2Metadata | None = field(default=None, compare=False, hash=False)  # an EXL2 tier's quantization_config
 
 
 def _read(section: dict[str, Any], names: list[str], where: str, default: Any = None) -> Any:
@@ -136,7 +137,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> PixtralCon
         projector_bias=bool(raw.get("multimodal_projector_bias", True)),
         bos_token_id=int(raw.get("bos_token_id", text_raw.get("bos_token_id", 1)) or 1),
         eos_token_id=int(eos[0] if isinstance(eos, list) else eos or 2),
-        extra={k: v for k, v in raw.items() if k == "quantization_config"},
+        quantization=EXL2Metadata.from_json(raw["quantization_config"], source) if "quantization_config" in raw else None,
     )
 
 
@@ -205,7 +206,8 @@ def to_hf_dict(config: PixtralConfig, dtype: str = "float16") -> dict[str, Any]:
         "text_config": text,
         "vision_config": vision,
     }
-    out.update(config.extra)
+    if config.quantization is not None:
+        out["quantization_config"] = config.quantization.to_json()
     return with_top_level_context(out)
 
 

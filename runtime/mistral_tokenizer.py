@@ -5,9 +5,10 @@ it as a ByteLevel BPE with tekken's own pre-tokenizer regex (transformers' conve
 cl100k-like default that splits differently, ../shared/spec/pixtral.md §4.1) and `ignore_merges`, so a
 pre-token that is itself in the vocabulary stays whole, as tiktoken does.
 
-SentencePiece v7m1 (Pixtral-Large) becomes a byte-fallback BPE with a Metaspace pre-tokenizer that
-prefixes `▁` only to the first segment (as LlamaTokenizerFast): the chat template therefore writes an
-explicit space after special tokens, reproducing mistral-common's per-chunk dummy prefix.
+SentencePiece v7m1 (Pixtral-Large) becomes a byte-fallback BPE whose normalizer prefixes `▁` to every
+text segment (each run between special tokens, as transformers' legacy Llama conversion): that is
+SentencePiece's dummy prefix, which mistral-common adds to each text chunk, so a string that starts
+with a space encodes as it does (" x" -> "▁▁x"; Metaspace's "first" scheme would give "▁x").
 """
 
 from __future__ import annotations
@@ -146,8 +147,7 @@ def spm_to_hf(path: str | Path) -> HFTokenizer:
         byte_fallback=True,
     )
     tok = Tokenizer(model)
-    tok.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme="first", split=False)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_UNDERLINE), normalizers.Replace(" ", SPIECE_UNDERLINE)])
     tok.decoder = decoders.Sequence(
         [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -182,7 +182,7 @@ def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_le
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "legacy": False,
+        "legacy": True,  # a slow Llama tokenizer then also prefixes every segment, as tokenizer.json does
         "model_max_length": model_max_length,
         "mistral_tokenizer_kind": converted.kind,
         **specials,

@@ -37,13 +37,13 @@ def check_pairing(source: Path, tiers: list[Path]) -> None:
     from runtime.errors import OptionError
 
     source_config = load_config(source)
-    if "quantization_config" in source_config.extra:
+    if source_config.quantization is not None:
         raise OptionError(f"{source}: is an EXL2 checkpoint; the first argument is the fp16/bf16 source the tiers were made from")
     for tier in tiers:
         if tier.resolve() == source.resolve():
             raise OptionError(f"{tier}: is the source itself; give the EXL2 tiers made from it")
         tier_config = load_config(tier)
-        if "quantization_config" not in tier_config.extra:
+        if tier_config.quantization is None:
             raise OptionError(f"{tier}: not an EXL2 checkpoint (config.json has no quantization_config)")
         if tier_config.text != source_config.text:
             raise OptionError(f"{tier}: its decoder ({tier_config.text.num_hidden_layers} layers × {tier_config.text.hidden_size}, "

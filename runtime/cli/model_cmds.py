@@ -38,9 +38,8 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral mod
     for part, count in parameter_counts(cfg).items():
         table.add_row(f"params: {part}", human_count(count))
     table.add_row("weights", f"{tensors} tensors in {shards} shard(s)")
-    quant = cfg.extra.get("quantization_config")
-    if quant:
-        table.add_row("quantization", json.dumps(quant))
+    if cfg.quantization is not None:
+        table.add_row("quantization", json.dumps(cfg.quantization.to_json()))
     console.print(table)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,7 +44,9 @@ def quantize(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     shard_size: Annotated[Optional[int], typer.Option(help="Output shard size in MiB (1 to 1048576; default 8192, as exllamav2).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Calibration sampling seed (≥ 0).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP + " With --workers: per worker (default: the cores shared out).", min=1, max=1024)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Spread the tiers and the measurement's linears over N Ray workers: N local processes, or N GPUs with --device cuda (pip install -e \".[distributed]\"). Same bytes as one process with the same --threads.", min=1, max=1024)] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run on an existing Ray cluster at this address (host:6379 or ray://host:10001); OUT_DIR must be on storage every node sees. --workers defaults to its GPUs (else its CPUs / --threads).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job in OUT_DIR (same settings).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing OUT_DIR: replaces its tiers, measurement.json and .work, nothing else.")] = False,
     keep_work: Annotated[bool, typer.Option("--keep-work", help="Keep OUT_DIR/.work (row states, per-layer tensors) after success.")] = False,
@@ -57,13 +60,15 @@ def quantize(
     flags = {
         "tiers": _floats(bpw), "head_bits": head_bits, "measurement": measurement, "device": device,
         "shard_mb": shard_size, "resume": resume, "force": force, "keep_work": keep_work,
-        "check_weights": not skip_weight_check,
+        "check_weights": not skip_weight_check, "workers": workers, "ray_address": ray_address,
         "calibration": {"rows": rows, "measure_rows": measure_rows, "length": length, "seed": seed,
                         "image_fraction": 0.0 if text_only else image_fraction,
                         "text_sources": calibration_text or None, "image_sources": calibration_images or None},
     }  # fmt: skip
     if resume and force:
         raise fail("--resume and --force contradict each other: --resume continues the job in OUT_DIR, --force starts it over")
+    if threads is None and workers and workers > 1 and ray_address is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)  # local workers share the cores: no oversubscription
     set_threads(threads)
     config = quantize_config(recipe, model_dir, out_dir, flags)
     terminated = []

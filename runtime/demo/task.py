@@ -3,8 +3,10 @@
 A 64×64 picture (a 4×4 grid of Pixtral patches) holds one to three shapes (circle, square, triangle)
 in red, green, blue or yellow, each in a quadrant. Questions ask for counts, colours, shapes,
 positions and yes/no, answered in one short sentence that is right by construction; a little text
-(sums of one-digit numbers, a greeting) keeps the decoder a language model too. Everything comes
-from a seeded RNG, so training, calibration and evaluation draw from disjoint, reproducible streams.
+(sums of one-digit numbers, a greeting) keeps the decoder a language model too. Conversations of
+several turns ask follow-ups about the same picture, text questions in between, and a new picture
+mid-chat (questions are then about the newest picture). Everything comes from a seeded RNG, so
+training, calibration and evaluation draw from disjoint, reproducible streams.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ IMAGE_SIZE = 64
 # disjoint seed streams: the shipped weights were trained on TRAIN_SEED; calibration and evaluation
 # never see those scenes
 TRAIN_SEED, CALIBRATION_SEED, EVAL_SEED = 1, 2, 3
+CHAT_EVAL_SEED = EVAL_SEED + 100  # held-out conversations (training draws its chats from the training stream)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,15 @@ class Example:
     answer: str
     image: Image.Image | None = None
 
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user turn of a conversation and its answer; `image` is a new picture sent with it."""
+
+    question: str
+    answer: str
+    image: Image.Image | None = None
 
 
 def random_scene(rng: random.Random) -> tuple[Thing, ...]:
@@ -121,3 +133,40 @@ def sample(rng: random.Random, text_share: float = 0.15) -> Example:
 def examples(seed: int, count: int, text_share: float = 0.15) -> list[Example]:
     rng = random.Random(seed)
     return [sample(rng, text_share) for _ in range(count)]
+
+
+def picture_question(scene: tuple[Thing, ...], rng: random.Random, asked: set[str] = frozenset()) -> tuple[str, str]:
+    """A question about the scene (yes/no some of the time), not one of `asked` when others remain."""
+    if rng.random() < 0.15:
+        return yes_no(scene, rng)
+    fresh = [qa for qa in scene_questions(scene) if qa[0] not in asked]
+    return rng.choice(fresh or scene_questions(scene))
+
+
+def conversation(rng: random.Random, turns: int | None = None) -> list[Turn]:
+    """A chat of 2–4 turns: a picture and follow-ups about it (not sent again), text questions in
+    between, sometimes a new picture mid-chat (later picture questions are about the newest one),
+    sometimes a text question before any picture."""
+    turns = turns if turns is not None else rng.randint(2, 4)
+    out: list[Turn] = []
+    scene: tuple[Thing, ...] | None = None
+    asked: set[str] = set()
+    for index in range(turns):
+        kind = rng.random()
+        if (scene is None and (index > 0 or kind > 0.2)) or (scene is not None and kind < 0.25):
+            scene, asked = random_scene(rng), set()  # a (new) picture with this question
+            question, answer = picture_question(scene, rng)
+            out.append(Turn(question, answer, draw(scene, rng)))
+        elif scene is None or kind < 0.45:
+            example = text_example(rng)
+            out.append(Turn(example.question, example.answer))
+        else:  # a follow-up about the picture already in the chat
+            question, answer = picture_question(scene, rng, asked)
+            out.append(Turn(question, answer))
+        asked.add(out[-1].question)
+    return out
+
+
+def conversations(seed: int, count: int) -> list[list[Turn]]:
+    rng = random.Random(seed)
+    return [conversation(rng) for _ in range(count)]

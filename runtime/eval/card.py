@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..config import load_config
+from ..exl2_metadata import EXL2Metadata
 from ..outputs import OutputError, update_owned_files
 from .run import ModelScore
 
@@ -18,6 +20,10 @@ PLOT_FILE = "quality.png"
 
 def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _given(value: object) -> str:
+    return "?" if value is None else str(value)
 
 
 def _size(n: int) -> str:
@@ -35,12 +41,12 @@ def quality_table(scores: list[ModelScore], highlight: str | None = None) -> str
     return "\n".join(rows)
 
 
-def render_card(tier: str, quant: dict[str, Any], size_bytes: int, scores: list[ModelScore] | None = None,
+def render_card(tier: str, quant: EXL2Metadata, size_bytes: int, scores: list[ModelScore] | None = None,
                 eval_notes: dict[str, Any] | None = None) -> str:  # fmt: skip
     """Markdown for the tier directory named `tier` (e.g. 4.0bpw)."""
-    source = quant.get("source_model", "the source model")
-    calibration = quant.get("calibration", {})
-    head = quant.get("head_bpw") or quant.get("head_bits")
+    source = quant.source_model or "the source model"
+    calibration = quant.calibration
+    head = quant.head_bpw or quant.head_bits
     parts = [
         "---",
         "library_name: exllamav2",
@@ -49,22 +55,22 @@ def render_card(tier: str, quant: dict[str, Any], size_bytes: int, scores: list[
         f"base_model: {source}",
         "---",
         "",
-        f"# {source} — EXL2 {quant.get('bits', '?')} bpw",
+        f"# {source} — EXL2 {quant.bits} bpw",
         "",
-        f"EXL2 quantization of **{source}** made with pixtral-exl2 ({quant.get('quantizer', '')}), loadable by exllamav2 "
-        f"{quant.get('version', '0.3.2')} as is. The decoder is quantized; the vision tower, the multimodal projector, the "
+        f"EXL2 quantization of **{source}** made with pixtral-exl2 ({quant.quantizer or ''}), loadable by exllamav2 "
+        f"{quant.version or '0.3.2'} as is. The decoder is quantized; the vision tower, the multimodal projector, the "
         "embeddings and the norms are copied bit-identical from the source.",
         "",
         "| | |",
         "|---|---|",
-        f"| decoder bits per weight | {_number(quant.get('decoder_bpw'), 3)} (target {quant.get('bits')}) |",
+        f"| decoder bits per weight | {_number(quant.decoder_bpw, 3)} (target {quant.bits}) |",
         f"| output head | {_number(head, 2) if isinstance(head, (int, float)) else head} bpw |",
         f"| weights on disk | {_size(size_bytes)} |",
         "| kept fp16 | vision tower, projector, token embeddings, norms |",
-        f"| calibration | {calibration.get('rows', '?')} rows × {calibration.get('length', '?')} tokens, {calibration.get('images', 0)} images; "
-        f"{calibration.get('dataset', '?')} |",
-        f"| image-token Hessian weight | {calibration.get('image_token_weight', 1.0)} |",
-        f"| calibration-set KL vs fp16 | {_number(quant.get('calibration_kl'), 5)} (last-layer logits on the calibration rows) |",
+        f"| calibration | {_given(calibration.rows)} rows × {_given(calibration.length)} tokens, {calibration.images or 0} images; "
+        f"{_given(calibration.dataset)} |",
+        f"| image-token Hessian weight | {1.0 if calibration.image_token_weight is None else calibration.image_token_weight} |",
+        f"| calibration-set KL vs fp16 | {_number(quant.calibration_kl, 5)} (last-layer logits on the calibration rows) |",
         "",
         "## Quality",
         "",
@@ -135,8 +141,8 @@ def refresh_cards(source_name: str, tiers: list[Path], scores: list[ModelScore],
     card was left alone (edited by someone since we wrote it, unless `force`)."""
     refused = []
     for score, tier in zip(scores[1:], tiers):
-        quant = json.loads((tier / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
-        quant = {"source_model": source_name, **quant}
+        quant = load_config(tier).quantization or EXL2Metadata()
+        quant = replace(quant, source_model=quant.source_model or source_name)
         card = render_card(tier.name, quant, score.size_bytes, scores, sets)
         try:
             update_owned_files(tier, {"README.md": card.encode("utf-8"), PLOT_FILE: plot}, force)

@@ -9,6 +9,7 @@ error event followed by `[DONE]`; a client that goes away cancels its generation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -181,7 +182,7 @@ class Run:
             if generation.first_chunk_at is not None:
                 metrics.first_token.observe(generation.first_chunk_at - generation.started)
             self.host.failures.clear()
-        except asyncio.CancelledError:  # a streaming client went away: Starlette cancels the response
+        except (asyncio.CancelledError, GeneratorExit):  # a streaming client went away: its response is cancelled or closed
             metrics.disconnects.inc()
             raise
         except (UserError, GenerationCancelled):
@@ -218,8 +219,9 @@ async def chat_completion(run: Run, body: ChatCompletionRequest, prompt: Prompt,
         for index in range(body.n):
             params = generation_params(body, run.config, index, (body.top_logprobs or 0) if body.logprobs else None)
             result = ChoiceResult(index)
-            async for _ in run.choice_chunks(prompt, params, result, forced):
-                pass
+            async with contextlib.aclosing(run.choice_chunks(prompt, params, result, forced)) as chunks:
+                async for _ in chunks:
+                    pass
             if result.usage is None:
                 raise asyncio.CancelledError  # the client went away
             content, calls, finish = run.finish(result, prefix)
@@ -284,13 +286,14 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
             result = ChoiceResult(index)
             yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
             seen = 0
-            async for delta in run.choice_chunks(prompt, params, result, forced):
-                if delta is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                logprobs = _chat_logprobs(engine, result.logprobs[seen:]) if body.logprobs else None
-                seen = len(result.logprobs)
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=delta), logprobs=logprobs)])
+            async with contextlib.aclosing(run.choice_chunks(prompt, params, result, forced)) as deltas:  # closed with the response
+                async for delta in deltas:
+                    if delta is None:
+                        yield ": keep-alive\n\n"
+                        continue
+                    logprobs = _chat_logprobs(engine, result.logprobs[seen:]) if body.logprobs else None
+                    seen = len(result.logprobs)
+                    yield chunk([ChunkChoice(index=index, delta=Delta(content=delta), logprobs=logprobs)])
             if result.usage is None:
                 return  # the client went away
             _, calls, finish = run.finish(result, prefix)
@@ -359,8 +362,10 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
                 for i in range(body.n):
                     index = p * body.n + i
                     result = ChoiceResult(index)
-                    async for delta in run.choice_chunks(prompt, generation_params(body, run.config, i, body.logprobs, 16), result, False):
-                        yield index, delta, result
+                    choice = run.choice_chunks(prompt, generation_params(body, run.config, i, body.logprobs, 16), result, False)
+                    async with contextlib.aclosing(choice) as deltas:
+                        async for delta in deltas:
+                            yield index, delta, result
                     if result.usage is None:
                         return
                     yield index, "", result

@@ -119,13 +119,14 @@ def test_truncated_shard_is_named(exl2_pair, tmp_path: Path) -> None:
 
 def test_failed_write_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
     from quantize.checkpoint import write_exl2_checkpoint
+    from runtime.exl2_metadata import EXL2Metadata
 
     def explode(prefix: str) -> dict:
         raise RuntimeError("boom")
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="boom"):
-        write_exl2_checkpoint(out, tiny_model, ["language_model.lm_head"], explode, {})
+        write_exl2_checkpoint(out, tiny_model, ["language_model.lm_head"], explode, EXL2Metadata(bits=4.0))
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

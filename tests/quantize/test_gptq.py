@@ -97,17 +97,24 @@ def test_a_run_continued_from_a_snapshot_equals_one_from_scratch() -> None:
 
 
 def test_coarse_to_fine_scale_search_matches_the_full_grid() -> None:
-    """27 of the 97 multipliers find the same error (within noise) on weights shaped like a real layer's."""
+    """27 of the 97 multipliers (the coarse 13 scored on a row sample) lose at most 1 % of output error
+    against all 97, on weights shaped like a real layer's, with and without outlier input channels.
+    (The search scores Σ|Δw|^3.5 before error feedback, not GPTQ's output error: the fast pick can be
+    the better one, so the bound is one-sided.)"""
     import functools
 
     from quantize.gptq import quantize_group
 
     gen = torch.Generator().manual_seed(5)
     W = torch.randn(384, 1024, generator=gen) * 0.02 * torch.exp(0.7 * torch.randn(1024, generator=gen))  # heavy-ish column scales
-    X = torch.randn(2048, 1024, generator=gen) * torch.exp(0.5 * torch.randn(1024, generator=gen))
-    Hp = prepare_hessian(X.T @ X / 2048)
-    for bits in (2, 3, 4, 6):
-        plan = make_plan(1024, bits, bits, 1024)
-        fast = gptq_quantize(W, Hp, plan, proxy=True)
-        full = gptq_quantize(W, Hp, plan, proxy=True, group=functools.partial(quantize_group, full_search=True))
-        assert fast.proxy_error == pytest.approx(full.proxy_error, rel=0.01), bits
+    gains = torch.exp(0.5 * torch.randn(1024, generator=gen))
+    outliers = gains.clone()
+    outliers[torch.randperm(1024, generator=gen)[:10]] *= 30  # 1 % of the input channels 30× larger
+    for scale in (gains, outliers):
+        X = torch.randn(2048, 1024, generator=gen) * scale
+        Hp = prepare_hessian(X.T @ X / 2048)
+        for bits in (2, 3, 4, 6):
+            plan = make_plan(1024, bits, bits, 1024)
+            fast = gptq_quantize(W, Hp, plan, proxy=True)
+            full = gptq_quantize(W, Hp, plan, proxy=True, group=functools.partial(quantize_group, full_search=True))
+            assert fast.proxy_error <= 1.01 * full.proxy_error, (bits, fast.proxy_error / full.proxy_error)

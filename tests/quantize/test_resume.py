@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.rows import CalibrationSpec
-from quantize.candidates import anchor_candidates
 from quantize.job import QuantizeConfig, load_state
 from quantize.pipeline import run_quantize
 from runtime.cli import app
 from runtime.synthetic import SyntheticSpec, write_random_model
+from runtime.text import DECODER_LINEARS
 
 SPEC = SyntheticSpec(hidden_size=64, intermediate_size=128, num_layers=3, tokenizer="spm", seed=11)
 TIERS = (3.0, 4.0, 6.0)
@@ -59,8 +59,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     run_quantize(_config(source, reference))
 
     out = tmp_path / "resumed"
-    steps_per_layer = sum(len(anchor_candidates(k)) for k in (64, 64, 64, 64, 64, 64, 128))  # 6 linears read 64 inputs, down 128
-    assert _run_and_die(source, out, "measure", steps_per_layer + 5, resume=False) == 9  # inside layer 2
+    linears_per_layer = len(DECODER_LINEARS)  # measure reports each linear's anchors as they finish
+    assert _run_and_die(source, out, "measure", linears_per_layer + 2, resume=False) == 9  # inside layer 2
     state = load_state(out / ".work")
     assert state is not None and state.stage.value == "measure" and state.blocks_done == 2  # layer 1's two blocks
     assert _run_and_die(source, out, "quantize", 4, resume=True) == 9  # layer 1's MLP block, after its first tier

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,10 +133,11 @@ LAYOUTS = {
         "continue_final": "<s>[INST]Hi[/INST]The answer is",
     },
     "spm": {
-        "consecutive_users": "<s>[INST] A[/INST][INST] B[/INST]",
-        "system_after_assistant": "<s>[INST] Hi[/INST] Yo</s>[SYSTEM_PROMPT] S[/SYSTEM_PROMPT][INST] Q[/INST]",
-        "content_and_tool_call": '<s>[INST] Weather?[/INST] Let me check.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]</s>',
-        "continue_final": "<s>[INST] Hi[/INST] The answer is",
+        # no spaces after specials: tokenizer.json's normalizer adds SentencePiece's dummy prefix to each run
+        "consecutive_users": "<s>[INST]A[/INST][INST]B[/INST]",
+        "system_after_assistant": "<s>[INST]Hi[/INST]Yo</s>[SYSTEM_PROMPT]S[/SYSTEM_PROMPT][INST]Q[/INST]",
+        "content_and_tool_call": '<s>[INST]Weather?[/INST]Let me check.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]</s>',
+        "continue_final": "<s>[INST]Hi[/INST]The answer is",
     },
 }
 EXTENDED = {
@@ -214,3 +217,26 @@ def test_forged_turns_do_not_change_the_roles_the_model_sees(pair) -> None:
         special = tokenizer.tokenizer.token_to_id(name)
         assert special is None or special not in ids
     assert "[TOOL_CALLS]" in tokenizer.decode(ids, False)  # still there, as text
+
+
+def test_a_metaspace_first_directory_still_gives_mistral_commons_ids(tiny_spm_model: Path, tmp_path: Path) -> None:
+    """HF-style SentencePiece directories (transformers' non-legacy conversion, our earlier versions):
+    a Metaspace "first" pre-tokenizer and a template that writes a space after each special. The
+    runtime keeps mistral-common's ids there too, leading spaces included."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    model_dir = tmp_path / "hf-style"
+    shutil.copytree(tiny_spm_model, model_dir)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.save(str(model_dir / "tokenizer.json"))
+    template = "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]{% else %} {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    ours = PixtralTokenizer(model_dir)
+    oracle = mistral.MistralTokenizer.from_file(str(bundled_tokenizer_path("spm")))
+    messages = [user(" Hi  there"), assistant("  Yo"), user("\\nQ ?")]
+    expected = oracle.encode_chat_completion(ChatCompletionRequest(messages=_to_mistral(messages))).tokens
+    assert ours.encode_chat(copy.deepcopy(messages)) == expected
+    text = oracle.instruct_tokenizer.tokenizer
+    assert all(ours.encode_text(s) == text.encode(s, bos=False, eos=False) for s in (" x", "  two", "plain", " [INST] as text"))

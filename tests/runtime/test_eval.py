@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from runtime.cli import app
@@ -14,7 +17,9 @@ from runtime.demo.model import write_demo_model
 from runtime.outputs import MARKER
 
 runner = CliRunner()
-TIERS = "2.5,4.0,8.0"
+README = Path(__file__).parents[2] / "README.md"
+TIERS = ("2.5bpw", "4.0bpw", "8.0bpw")  # the tiers most tests score (the fixture writes the demo recipe's seven)
+README_THREADS = 2  # README's table: "two CPU cores"; the numbers depend on torch's thread count
 SE_MARGIN = 2.0  # two accuracies are "ordered" only beyond two standard errors of their difference
 
 
@@ -25,13 +30,47 @@ def not_worse_beyond_noise(better: float, worse: float, n: int) -> bool:
     return better >= worse - SE_MARGIN * max(se, 1 / n)
 
 
+@pytest.fixture
+def readme_threads() -> Iterator[None]:
+    """Commands run with --threads README_THREADS set torch's threads for the process: put them back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """README's main job: the demo model and `quantize demo demo-exl2 --recipe demo` (on README's threads)."""
     root = tmp_path_factory.mktemp("eval")
     demo = write_demo_model(root / "demo")
-    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--bpw", TIERS])
+    before = torch.get_num_threads()
+    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--threads", str(README_THREADS)])
+    torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
-    return demo, root / "exl2"
+    yield demo, root / "exl2"
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The rows of eval's printed table (a line per model: name, then numbers), whitespace-split."""
+    return [line.split() for line in text.splitlines() if re.match(r"\s*(fp16|\d\.\dbpw)\s", line)]
+
+
+def test_readme_table_is_what_the_main_job_prints(quantized: tuple[Path, Path], readme_threads: None) -> None:
+    """README's first command ends with `pixtral-exl2 eval demo demo-exl2`: its table is in README.
+    The numbers are exact for a thread count and the float kernels of a machine kind: where even the
+    fp16 row (no quantization in it) differs, this machine's kernels differ and only the tiers' names
+    and bpw are compared."""
+    demo, out = quantized
+    result = runner.invoke(app, ["eval", str(demo), str(out), "--threads", str(README_THREADS), "--no-card"])
+    assert result.exit_code == 0, result.output
+    printed = _table_rows(result.output)
+    block = re.search(r"The first command ends with this table.*?```text\n(.+?)```", README.read_text(), flags=re.S)
+    assert block, "README has no printed eval table"
+    shown = _table_rows(block.group(1))
+    assert [row[:2] for row in shown] == [row[:2] for row in printed]
+    if shown[0] != printed[0]:
+        pytest.skip(f"this machine's float kernels differ from README's (fp16 row {printed[0]} vs {shown[0]})")
+    assert shown == printed, "README's table is not what `pixtral-exl2 eval demo demo-exl2` prints: paste the new one"
 
 
 def test_quantize_writes_a_card_per_tier(quantized: tuple[Path, Path]) -> None:
@@ -45,7 +84,7 @@ def test_quantize_writes_a_card_per_tier(quantized: tuple[Path, Path]) -> None:
 def test_eval_measures_every_tier_and_refreshes_the_cards(quantized: tuple[Path, Path], tmp_path: Path) -> None:
     demo, out = quantized
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["eval", str(demo), str(out), "--json", str(report), "--samples", "128",
+    result = runner.invoke(app, ["eval", str(demo), *(str(out / t) for t in TIERS), "--json", str(report), "--samples", "128",
                                  "--choices", str(demo / "examples" / "choices.jsonl")])  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
@@ -117,3 +156,17 @@ def test_eval_measures_bpw_from_the_tensors_not_the_config(quantized: tuple[Path
     with EXL2Checkpoint(tier) as ckpt:
         assert scored["bpw"] == pytest.approx(ckpt.decoder_bpw()) and scored["head_bpw"] == pytest.approx(ckpt.head_bpw())
     assert scored["bpw"] == pytest.approx(4.0, abs=0.01) and scored["head_bpw"] < 7
+
+
+def test_the_plot_gives_each_quantity_its_own_axis() -> None:
+    from runtime.eval.plot import quality_figure
+    from runtime.eval.run import ModelScore
+
+    fp16 = ModelScore("fp16", "demo", None, None, 100, 140.0, 0.0, 0.0, 1.0, 0.96)
+    tiers = [ModelScore(f"{b}bpw", "t", b, 6.5, 50, 150.0, kl, kl, 1 - kl, 0.95) for b, kl in ((2.5, 0.2), (4.0, 0.03), (8.0, 0.001))]
+    axes = quality_figure([fp16, *tiers], "demo").axes
+    assert [a.get_title() for a in axes] == ["task accuracy", "top-1 agreement with fp16", "divergence from fp16 (0 = fp16)"]
+    assert len({a.get_ylabel() for a in axes}) == 3  # accuracy and agreement are not one scale
+    assert [len(a.get_lines()) for a in axes] == [2, 1, 2]  # tier + fp16 line; agreement; text and image KL
+    general = [ModelScore(s.name, s.path, s.bpw, s.head_bpw, s.size_bytes, s.text_ppl, s.text_kl, s.image_kl, s.image_top1) for s in [fp16, *tiers]]
+    assert [a.get_title() for a in quality_figure(general, "12B").axes][0] == "top-1 agreement with fp16"  # no task: no accuracy panel
