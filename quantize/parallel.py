@@ -193,10 +193,10 @@ class RayWorkers(Workers):
         self.ray, self.count = ray, config.workers
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            if config.ray_address:
+            if config.ray_address is not None:
                 check_reachable(config.ray_address)
             try:
-                if config.ray_address:
+                if config.ray_address is not None:
                     ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
                 else:  # a local cluster of exactly the workers asked for
                     ray.init(address="local", num_cpus=config.workers * threads, include_dashboard=False, log_to_driver=False,
@@ -204,7 +204,7 @@ class RayWorkers(Workers):
             except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; all mean "no cluster"
                 raise WorkerError(f"--ray {config.ray_address or 'local'}: Ray did not start ({type(err).__name__}: {err})") from None
         gpus = 1 if Compute.for_device(config.device).device.type == "cuda" else 0
-        if config.ray_address and config.workers == 1:  # --ray without --workers: as many as the cluster holds
+        if config.ray_address is not None and config.workers == 1:  # --ray without --workers: as many as the cluster holds
             resources = ray.cluster_resources()
             self.count = int(resources.get("GPU", 0)) if gpus else max(1, int(resources.get("CPU", 1) // threads))
         actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)(_RayTaskRunner)
@@ -265,15 +265,24 @@ def _describe(task: Task) -> str:
     return f"layer {task.layer + 1} {task.block} ({name})"
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A cluster address that does not answer fails in seconds (ray.init would wait minutes)."""
-    if address in ("auto", "local"):
-        return
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a --ray address; None for Ray's own `auto`; a one-line error for anything else."""
+    if address == "auto":
+        return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise OptionError(f"--ray: expected host:port or ray://host:port (e.g. 10.0.0.5:6379), got {address!r}")
+        raise OptionError(f"--ray: expected host:port or ray://host:port (e.g. 10.0.0.5:6379) or auto, got {address!r}")
+    return host, int(port)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster address that does not answer fails in seconds (ray.init would wait minutes)."""
+    where = ray_host_port(address)
+    if where is None:
+        return
+    host, port = where
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
         raise WorkerError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); start one with `ray start --head`") from None
 

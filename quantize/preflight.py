@@ -92,9 +92,11 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     if repeated:
         raise OptionError(f"--bpw: {repeated[0].removesuffix('bpw')} is given more than once")
     if config.workers > 1 or config.ray_address is not None:
-        from .parallel import ray_module
+        from .parallel import ray_host_port, ray_module
 
         ray_module()  # installed, or a one-line error saying how
+        if config.ray_address is not None:
+            ray_host_port(config.ray_address)
     if config.head_bits not in HEAD_OPTIONS:
         raise OptionError(f"--head-bits: expected one of {', '.join(map(str, sorted(HEAD_OPTIONS)))}, got {config.head_bits}")
     lowest = minimum_bpw(linear_shapes(cfg))

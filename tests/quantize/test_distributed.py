@@ -131,3 +131,13 @@ def test_workers_without_ray_say_how_to_install_it(one_process: tuple[Path, Path
     result = CliRunner().invoke(app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--workers", "2"])
     assert result.exit_code == 2 and 'pip install -e ".[distributed]"' in result.output and "Traceback" not in result.output
     assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(("address", "message"), [("", "--ray: expected host:port"), ("nonsense", "--ray: expected host:port"),
+                                                  ("127.0.0.1:9", "no Ray cluster answers there")])  # fmt: skip
+def test_a_bad_cluster_address_fails_in_seconds_before_any_work(one_process: tuple[Path, Path], tmp_path: Path, address: str, message: str) -> None:
+    source, _ = one_process
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--ray", address])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
