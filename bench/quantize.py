@@ -75,15 +75,20 @@ def baseline_tree(root: Path) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
 
 
-def job_bench(args: argparse.Namespace) -> None:
+def bench_model(folder: Path, hidden: int, layers: int) -> Path:
+    """A random model of `layers` decoder layers `hidden` wide (FFN 3×, 8 heads, 2 KV heads), Large's tokenizer."""
     from runtime.synthetic import SyntheticSpec, write_random_model
 
+    spec = SyntheticSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=8, num_kv_heads=2,
+                         head_dim=hidden // 8, tokenizer="spm", seed=layers)  # fmt: skip
+    return write_random_model(folder, spec)
+
+
+def job_bench(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, baseline_tree(Path(tmp)) as old_tree:
         for layers in (2, 8):
-            spec = SyntheticSpec(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_layers=layers, num_heads=8,
-                                 num_kv_heads=2, head_dim=args.hidden // 8, tokenizer="spm", seed=layers)  # fmt: skip
-            model = write_random_model(Path(tmp) / f"model-{layers}", spec)
+            model = bench_model(Path(tmp) / f"model-{layers}", args.hidden, layers)
             for legacy in (True, False):
                 tree = old_tree if legacy else REPO
                 rows.append((layers, legacy, run_job(tree, model, Path(tmp) / f"out-{layers}-{int(legacy)}", args.tiers, args.device, legacy)))
@@ -177,14 +182,10 @@ def gptq_bench(device: str) -> None:
 
 def workers_bench(counts: list[int], hidden: int, layers: int) -> None:
     """`quantize --workers N --threads 1` for each N, as a user runs it, on one random model: wall
-    times, their ratio to the first count, and the share of the job that ran in parallel (Amdahl)."""
-    from runtime.synthetic import SyntheticSpec, write_random_model
-
-    spec = SyntheticSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=8, num_kv_heads=2,
-                         head_dim=hidden // 8, tokenizer="spm", seed=layers)  # fmt: skip
+    times and those of the two stages that run on the workers, and their ratios to the first count."""
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_random_model(Path(tmp) / "model", spec)
+        model = bench_model(Path(tmp) / "model", hidden, layers)
         for count in counts:
             out = Path(tmp) / f"out-{count}"
             args = [sys.executable, "-m", "runtime.cli", "quantize", str(model), str(out), "--bpw", "2.5,3.0,4.0,5.0", "--rows", "8",

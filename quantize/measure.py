@@ -12,7 +12,7 @@ Errors are relative squared errors of the block output, tokens weighted as the H
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ def block_inputs(runner: BlockRunner, block: str, states: Sequence[Tensor], weig
     return BlockInputs(rows_in, accumulators, reference, energy(reference, weights), weights)
 
 
-def measure_linear(runner: BlockRunner, block: str, name: str, inputs: BlockInputs, tick: Callable[[], None] = lambda: None) -> list[AnchorResult]:
+def measure_linear(runner: BlockRunner, block: str, name: str, inputs: BlockInputs) -> list[AnchorResult]:
     """Every anchor of one linear, with only that linear quantized; the runner's layer is left as it was."""
     spec = next(s for s in block_specs(block) if s.name == name)
     original = runner.layer.get_submodule(name).weight.data.clone()
@@ -119,20 +119,8 @@ def measure_linear(runner: BlockRunner, block: str, name: str, inputs: BlockInpu
             runner.set_weight(name, result.weight)
             error = runner.squared_error(block, inputs.rows, inputs.reference, inputs.weights) / inputs.total
         found.append(AnchorResult(candidate, storage_bits(candidate.plan(K), columns), error))
-        tick()
     runner.set_weight(name, original)
     return sorted(found, key=lambda a: a.candidate)
-
-
-def measure_block(
-    runner: BlockRunner, block: str, states: Sequence[Tensor], tick: Callable[[], None] = lambda: None,
-    weights: Sequence[Tensor] | None = None,
-) -> tuple[dict[str, list[AnchorResult]], list[Tensor]]:  # fmt: skip
-    """Every anchor of every linear of the block; returns the results per linear and the block's
-    fp16 outputs (the next block's input, on the CPU)."""
-    inputs = block_inputs(runner, block, states, weights)
-    results = {spec.name: measure_linear(runner, block, spec.name, inputs, tick) for spec in block_specs(block)}
-    return results, [r.half().cpu() for r in inputs.reference]
 
 
 def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:

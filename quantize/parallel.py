@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from runtime.config import PixtralConfig
 from runtime.errors import OptionError, UserError
 from runtime.exl2_format import GroupPlan
 from runtime.model import load_layer
@@ -107,6 +107,7 @@ class TaskRunner:
         self.ctx = ctx
         self._layer: tuple[int, DecoderLayer] | None = None
         self._measured: tuple[tuple[int, str, str], BlockRunner, Any] | None = None
+        self._weights: dict[int, list[torch.Tensor] | None] = {}
         self.heads: dict[str, Any] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
 
     def layer(self, index: int) -> DecoderLayer:
@@ -114,6 +115,12 @@ class TaskRunner:
             with Checkpoint(self.ctx.config.model_dir) as ckpt:
                 self._layer = (index, load_layer(ckpt, self.ctx.cfg, index))
         return copy.deepcopy(self._layer[1])
+
+    def token_weights(self, rows: int) -> list[torch.Tensor] | None:
+        """The job's per-token weights of the first `rows` rows, read from the work directory once."""
+        if rows not in self._weights:
+            self._weights[rows] = self.ctx.token_weights(rows)
+        return self._weights[rows]
 
     def runner(self, layer: int) -> BlockRunner:
         return BlockRunner(self.layer(layer), self.ctx.cfg.text, self.ctx.config.calibration.length, self.ctx.compute)
@@ -127,7 +134,7 @@ class TaskRunner:
             return advance(ctx, self.runner(task.layer), task.block, task.stream, task.source, task.rows)
         if isinstance(task, TierBlock):
             runner = self.runner(task.layer)
-            weights = ctx.token_weights(task.rows)
+            weights = self.token_weights(task.rows)
             plans = {name: GroupPlan(groups) for name, groups in task.plans.items()}
             tensors = quantize_block(runner, task.block, ctx.store.rows(task.source, task.rows), plans, weights)
             folder = ctx.work / "quantized" / task.tier
@@ -140,11 +147,11 @@ class TaskRunner:
             if self._measured is None or self._measured[0] != key:  # the block's Hessians and outputs, once per process
                 runner = self.runner(task.layer)
                 rows = list(ctx.store.rows(task.source, task.rows))
-                self._measured = (key, runner, block_inputs(runner, task.block, rows, ctx.token_weights(task.rows)))
+                self._measured = (key, runner, block_inputs(runner, task.block, rows, self.token_weights(task.rows)))
             _, runner, inputs = self._measured
             return measure_linear(runner, task.block, task.name, inputs)
         if isinstance(task, TierHead):
-            return quantize_head(ctx, self.heads, task.tier, task.location, task.reference)
+            return quantize_head(ctx, self.heads, task.tier, task.location, task.reference, self.token_weights(ctx.config.calibration.rows))
         raise TypeError(f"not a task: {task!r}")
 
 
@@ -188,7 +195,7 @@ class RayWorkers(Workers):
     when the job computes on CUDA). A task goes to the next idle actor; a dead actor is restarted by
     Ray and its task run again (TASK_RETRIES times), else the job stops with a one-line error."""
 
-    def __init__(self, config: QuantizeConfig, cfg: Any, threads: int):
+    def __init__(self, config: QuantizeConfig, cfg: PixtralConfig, threads: int):
         ray = ray_module()
         self.ray, self.count = ray, config.workers
         self.started_here = not ray.is_initialized()
@@ -245,7 +252,7 @@ class RayWorkers(Workers):
 class _RayTaskRunner:
     """The actor: a TaskRunner built in the worker process from the job's settings."""
 
-    def __init__(self, config: QuantizeConfig, cfg: Any, threads: int):
+    def __init__(self, config: QuantizeConfig, cfg: PixtralConfig, threads: int):
         torch.set_num_threads(threads)
         ctx = JobContext(config, cfg, Compute.for_device(config.device, config.damp),
                          RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size), lambda event: None)  # fmt: skip
@@ -253,9 +260,6 @@ class _RayTaskRunner:
 
     def run(self, task: Task) -> Any:
         return self.runner.run(task)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def _describe(task: Task) -> str:
@@ -287,7 +291,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise WorkerError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); start one with `ray start --head`") from None
 
 
-def connect_workers(config: QuantizeConfig, cfg: Any) -> Workers | None:
+def connect_workers(config: QuantizeConfig, cfg: PixtralConfig) -> Workers | None:
     """Ray workers (this process's thread count each) for --workers N > 1 or --ray, started or reached
     before any work; None for the single process."""
     if config.workers == 1 and config.ray_address is None:

@@ -207,5 +207,5 @@ def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
     head = 4 * pad_columns(t.vocab_size) * t.hidden_size * 4 + spec.measure_rows * 64 * t.vocab_size * 2 + 2 * 4 * t.hidden_size**2
     params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
     disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(params * sum(config.tiers) / 8)
-    # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA); the row states are shared on disk
-    return {"ram": int(max(measure, head)), "ram_all_workers": int(max(measure, head)) * config.workers, "disk": int(disk)}
+    ram = int(max(measure, head))  # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA)
+    return {"ram": ram, "ram_all_workers": ram * config.workers, "disk": int(disk)}  # the row states are shared on disk

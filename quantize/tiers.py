@@ -145,9 +145,11 @@ def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
 
 
 @torch.no_grad()
-def quantize_head(ctx: JobContext, heads: dict[str, HeadQuantizer], tier: str, location: str, reference: str) -> tuple[float, float]:
-    """One tier's head on its final stream (tensors saved in the work directory); returns its bpw and
-    calibration KL. `heads` keeps the fp16 reference per reference stream for the next tier."""
+def quantize_head(ctx: JobContext, heads: dict[str, HeadQuantizer], tier: str, location: str, reference: str,
+                  weights: Sequence[Tensor] | None) -> tuple[float, float]:  # fmt: skip
+    """One tier's head on its final stream (tensors saved in the work directory), its rows weighted by
+    `weights`; returns its bpw and calibration KL. `heads` keeps the fp16 reference per reference
+    stream for the next tier."""
     if reference not in heads:
         with Checkpoint(ctx.config.model_dir) as ckpt:
             norm = RMSNorm(ctx.cfg.text.hidden_size, ctx.cfg.text.rms_norm_eps).to(ctx.compute.device)
@@ -157,7 +159,7 @@ def quantize_head(ctx: JobContext, heads: dict[str, HeadQuantizer], tier: str, l
             heads[reference].add_reference(row)
     quantizer, rows, count = heads[reference], ctx.config.calibration.rows, ctx.config.calibration.measure_rows
     plan = head_plan(quantizer.W.shape[1], ctx.config.head_bits)
-    result = quantizer.quantize(ctx.store.rows(location, rows), plan, ctx.token_weights(rows))
+    result = quantizer.quantize(ctx.store.rows(location, rows), plan, weights)
     save_tensors(ctx.work / "quantized" / tier / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})
     kl = quantizer.kl(ctx.store.rows(location, count), result.weight)
     return bits_per_weight(plan, result.codes.shape[1]), kl
