@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from runtime.cli.eval_cmd import build_eval_set
     from runtime.demo.model import write_demo_model
+    from runtime.eval.sets import build_eval_set
 
     seeds, tiers = [int(s) for s in args.seeds.split(",")], tuple(float(t) for t in args.tiers.split(","))
     modes = {"text-only": 1.0, "image+text": 1.0, "balanced": args.balanced_weight}

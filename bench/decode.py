@@ -35,11 +35,11 @@ def _median_rate(runs: list[tuple[int, float]]) -> float:
 def cpu_bench(tokens: int, repeats: int) -> dict:
     import transformers
 
+    from pixtral.tokenizer import PixtralTokenizer
     from runtime.backends.reference import ReferenceBackend
     from runtime.demo.model import write_demo_model
     from runtime.engine import Engine, GenerationParams
     from runtime.sampling import SamplingParams
-    from runtime.tokenizer import PixtralTokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,10 +78,10 @@ def gpu_bench(tokens: int, repeats: int) -> dict:
     from exllamav2.generator import ExLlamaV2Sampler
 
     from bench.tiers import GPU_BENCH_SPEC, write_tier
+    from pixtral.tokenizer import PixtralTokenizer
     from runtime.backends.exllamav2 import ExLlamaV2Backend
     from runtime.engine import Engine, GenerationParams
     from runtime.sampling import SamplingParams
-    from runtime.tokenizer import PixtralTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tier = write_tier(Path(tmp), GPU_BENCH_SPEC, bits=4)
@@ -128,8 +128,8 @@ def _raw_decode(backend, ids: torch.Tensor, tokens: int, settings) -> tuple[int,
 @torch.no_grad()
 def _vision_encode_ms() -> float:
     """Pixtral-12B's vision tower shape (24 layers, 1024 wide), random fp16 weights, one 1024² image."""
-    from runtime.config import VisionConfig
-    from runtime.vision import VisionTower
+    from pixtral.config import VisionConfig
+    from pixtral.vision import VisionTower
 
     tower = VisionTower(VisionConfig(1024, 4096, 24, 16, 64)).half().cuda().eval()
     image = torch.randn(3, 1024, 1024, device="cuda", dtype=torch.float16)

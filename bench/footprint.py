@@ -15,10 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pixtral.config import PixtralConfig, parse_config  # noqa: E402
+from pixtral.errors import UserError  # noqa: E402
 from quantize.preflight import job_footprint, tier_bytes  # noqa: E402
 from recipes import quantize_config  # noqa: E402
-from runtime.config import PixtralConfig, parse_config  # noqa: E402
-from runtime.errors import UserError  # noqa: E402
 
 CONFIGS = {"Pixtral-12B": REPO / "tests/fixtures/pixtral-12b-config.json", "Pixtral-Large": REPO / "tests/fixtures/pixtral-large-config.json"}
 GIB = 2**30

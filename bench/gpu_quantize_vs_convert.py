@@ -26,7 +26,7 @@ ROWS, LENGTH = 32, 2048
 
 
 def write_model(root: Path, layers: int) -> Path:
-    from runtime.synthetic import SyntheticSpec, write_random_model
+    from tests.support.synthetic import SyntheticSpec, write_random_model
 
     spec = SyntheticSpec(hidden_size=5120, intermediate_size=14336, num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128,
                          vision_hidden_size=1024, vision_intermediate_size=4096, vision_layers=1, vision_heads=16, tokenizer="tekken", seed=7)  # fmt: skip
@@ -35,7 +35,7 @@ def write_model(root: Path, layers: int) -> Path:
 
 def run_ours(model: Path, out: Path) -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "runtime.cli", "quantize", str(model), str(out), "--bpw", "4.0", "--rows", str(ROWS),
+    subprocess.run([sys.executable, "-m", "cli", "quantize", str(model), str(out), "--bpw", "4.0", "--rows", str(ROWS),
                     "--measure-rows", "16", "--length", str(LENGTH), "--text-only", "--device", "cuda", "--head-bits", "6"],
                    cwd=REPO, check=True)  # fmt: skip
     return time.monotonic() - started
@@ -54,9 +54,9 @@ def run_convert(model: Path, work: Path, out: Path) -> float:
 @torch.no_grad()
 def text_kl(source: Path, tiers: dict[str, Path], documents: list[str]) -> dict[str, float]:
     """Mean per-token KL(fp16 ‖ tier) on held-out text, every model on the reference backend (CUDA, fp16)."""
+    from pixtral.tokenizer import PixtralTokenizer
     from runtime.backends.reference import ReferenceBackend
     from runtime.eval.sets import text_items
-    from runtime.tokenizer import PixtralTokenizer
 
     items = text_items(PixtralTokenizer(source), documents, max_tokens=1024)
     reference = ReferenceBackend(source, "cuda")

@@ -22,7 +22,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for args in COMMANDS:
             started = time.monotonic()
-            subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
+            subprocess.run([sys.executable, "-m", "cli", *args], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
             timings.append((" ".join(["pixtral-exl2", *args]), time.monotonic() - started))
     print(f"README main job on {os.cpu_count()} CPU cores:")

@@ -40,7 +40,7 @@ from calibration.rows import CalibrationSpec
 from quantize.job import QuantizeConfig, load_state
 from quantize.pipeline import run_quantize
 from quantize.preflight import job_footprint
-from runtime.config import load_config
+from pixtral.config import load_config
 model, out, tiers, device, legacy = sys.argv[1], sys.argv[2], tuple(map(float, sys.argv[3].split(","))), sys.argv[4], sys.argv[5] == "1"
 spec = CalibrationSpec(rows=8, measure_rows=4, length=256, image_fraction=0.25)
 started = time.monotonic()
@@ -77,7 +77,7 @@ def baseline_tree(root: Path) -> Iterator[Path]:
 
 def bench_model(folder: Path, hidden: int, layers: int) -> Path:
     """A random model of `layers` decoder layers `hidden` wide (FFN 3×, 8 heads, 2 KV heads), Large's tokenizer."""
-    from runtime.synthetic import SyntheticSpec, write_random_model
+    from tests.support.synthetic import SyntheticSpec, write_random_model
 
     spec = SyntheticSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=8, num_kv_heads=2,
                          head_dim=hidden // 8, tokenizer="spm", seed=layers)  # fmt: skip
@@ -188,7 +188,7 @@ def workers_bench(counts: list[int], hidden: int, layers: int) -> None:
         model = bench_model(Path(tmp) / "model", hidden, layers)
         for count in counts:
             out = Path(tmp) / f"out-{count}"
-            args = [sys.executable, "-m", "runtime.cli", "quantize", str(model), str(out), "--bpw", "2.5,3.0,4.0,5.0", "--rows", "8",
+            args = [sys.executable, "-m", "cli", "quantize", str(model), str(out), "--bpw", "2.5,3.0,4.0,5.0", "--rows", "8",
                     "--measure-rows", "4", "--length", "256", "--threads", "1", "--keep-work"] + (["--workers", str(count)] if count > 1 else [])  # fmt: skip
             started = time.monotonic()
             subprocess.run(args, cwd=REPO, check=True, capture_output=True)

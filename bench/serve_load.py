@@ -76,7 +76,7 @@ async def drive(url: str, clients: int, seconds: float, max_tokens: int, seed: i
 
 
 def serve(model: Path, port: int, backend: str, concurrent: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "runtime.cli", "serve", str(model), "--port", str(port), "--disable-auth", "--backend", backend,
+    command = [sys.executable, "-m", "cli", "serve", str(model), "--port", str(port), "--disable-auth", "--backend", backend,
                "--max-concurrent", str(concurrent)]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

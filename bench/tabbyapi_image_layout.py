@@ -36,7 +36,7 @@ def _exllamav2():
 def _demo_tier(root: Path) -> tuple[Path, Path]:
     from typer.testing import CliRunner
 
-    from runtime.cli import app
+    from cli import app
     from runtime.demo.model import write_demo_model
 
     demo = write_demo_model(root / "demo")
@@ -60,11 +60,11 @@ def main() -> None:
 
 
 def _ours(tier: Path, examples: Path, questions: list[dict]) -> int:
+    from pixtral.prompt import prepare_image
+    from pixtral.tokenizer import PixtralTokenizer
     from runtime.backends.exllamav2 import ExLlamaV2Backend
     from runtime.engine import Engine, GenerationParams
-    from runtime.prompt import prepare_image
     from runtime.sampling import SamplingParams
-    from runtime.tokenizer import PixtralTokenizer
 
     backend = ExLlamaV2Backend(tier, max_seq_len=1024)
     engine, right = Engine(backend, PixtralTokenizer(tier)), 0
@@ -81,8 +81,8 @@ def _theirs(tier: Path, examples: Path, questions: list[dict]) -> int:
     import exllamav2 as ex
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2Sampler
 
+    from pixtral.tokenizer import PixtralTokenizer
     from runtime.backends.exllamav2 import attention_path
-    from runtime.tokenizer import PixtralTokenizer
 
     config = ex.ExLlamaV2Config(str(tier))
     config.max_seq_len = 1024

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantize.uniform import write_uniform_tier
-from runtime.synthetic import SyntheticSpec, write_random_model
+from tests.support.synthetic import SyntheticSpec, write_random_model
+from tests.support.uniform import write_uniform_tier
 
 # a slice of Pixtral-12B: its widths (hidden 5120, FFN 14336, 32/8 heads of 128), 4 layers, Large's
 # 32k-token vocabulary (so the head does not dominate); kernel-friendly for exllamav2

@@ -19,12 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.image import patch_grid
-from runtime.prompt import prepare_image, question_messages
-from runtime.tokenizer import PixtralTokenizer
-
-from .render import ImageSample
-from .sources import CalibrationError, default_image_samples, read_image_samples, read_texts, standard_text_files
+from calibration.render import ImageSample
+from calibration.sources import (
+    CalibrationError,
+    default_image_samples,
+    read_image_samples,
+    read_texts,
+    standard_text_files,
+)
+from pixtral.image import patch_grid
+from pixtral.prompt import prepare_image, question_messages
+from pixtral.tokenizer import PixtralTokenizer
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ def load_texts(spec: CalibrationSpec) -> list[list[str]]:
     """Documents grouped by source, so rows can draw from every source in turn."""
     if spec.text_sources:
         return [read_texts(source) for source in spec.text_sources]
-    from .sources import split_documents
+    from calibration.sources import split_documents
 
     return [split_documents(path.read_text(encoding="utf-8")) for path in standard_text_files().values()]
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.errors import UserError
-from runtime.image import ImageError, open_image
-
-from .render import ImageSample, rendered_samples
+from calibration.render import ImageSample, rendered_samples
+from pixtral.errors import UserError
+from pixtral.image import ImageError, open_image
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_SUFFIXES = (".txt", ".utf8", ".md", ".text")
@@ -150,8 +149,8 @@ def _sample(image: Image.Image, record: dict, source: str) -> ImageSample:
 def demo_task_texts(count: int = 400) -> list[str]:
     """Whole conversations of the demo task (its text questions and the words of its picture
     questions), as the demo model's chat template writes them."""
-    from runtime.chat_template import chat_template, render_chat
-    from runtime.demo.task import CALIBRATION_SEED, examples
+    from calibration.demo_task import CALIBRATION_SEED, examples
+    from pixtral.chat_template import chat_template, render_chat
 
     template = chat_template("spm")  # the demo model's tokenizer (v7m1)
     docs = []
@@ -163,7 +162,7 @@ def demo_task_texts(count: int = 400) -> list[str]:
 
 def demo_task_samples(count: int = 64) -> list[ImageSample]:
     """Drawn scenes of the demo task with a question each (a seed stream training never saw)."""
-    from runtime.demo.task import CALIBRATION_SEED, examples
+    from calibration.demo_task import CALIBRATION_SEED, examples
 
     pictures = [e for e in examples(CALIBRATION_SEED + 100, 2 * count, text_share=0.0) if e.image is not None][:count]
     return [ImageSample(e.image, e.question, e.answer, DEMO_TASK) for e in pictures]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from runtime.errors import UserError
+from pixtral.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from runtime.config import TextConfig
-from runtime.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
-
-from .compute import Compute
-from .hessian import HessianAccumulator, collect_hessians
+from pixtral.config import TextConfig
+from pixtral.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
+from quantize.compute import Compute
+from quantize.hessian import HessianAccumulator, collect_hessians
 
 BLOCKS = ("self_attn", "mlp")
 RESIDUAL_LINEARS = ("self_attn.o_proj", "mlp.down_proj")  # output straight into the residual

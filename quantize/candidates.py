@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from runtime.config import PixtralConfig
-from runtime.errors import OptionError
-from runtime.exl2_format import GroupPlan, pad_columns
-from runtime.text import DECODER_LINEARS, layer_prefix
+from pixtral.config import PixtralConfig
+from pixtral.errors import OptionError
+from pixtral.exl2.format import GroupPlan, pad_columns
+from pixtral.text import DECODER_LINEARS, layer_prefix
 
 WIDTH_PAIRS = ((3, 2), (4, 3), (5, 4), (6, 5), (8, 6))  # (hi, lo), every adjacent pair of EXL2 widths
 ANCHOR_FRACTIONS = (0.0, 0.1, 0.3, 0.6)  # measured shares of hi rows; 1.0 is the next pair's 0.0

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.device import resolve_device
-
-from .gptq import DAMP, GroupFn, quantize_group
+from pixtral.device import resolve_device
+from quantize.gptq import DAMP, GroupFn, quantize_group
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Compute:
         """The GPTQ group step: the Triton kernel on CUDA, the torch reference elsewhere."""
         if self.device.type == "cuda":
             try:
-                from .gptq_triton import triton_quantize_group
+                from quantize.gptq_triton import triton_quantize_group
             except ImportError:  # no triton: the reference runs on CUDA as well
                 return quantize_group
             return triton_quantize_group

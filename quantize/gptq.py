@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from runtime.errors import UserError
-from runtime.exl2_format import GroupPlan, pad_columns
-
-from .exl2_pack import build_q_groups, pack_q_weight, pack_scales, perm_to_q_invperm
+from pixtral.errors import UserError
+from pixtral.exl2.format import GroupPlan, pad_columns
+from pixtral.exl2.pack import build_q_groups, pack_q_weight, pack_scales, perm_to_q_invperm
 
 DAMP = 0.12  # exllamav2's percdamp since 2024-04: fraction of mean(diag H) added to the diagonal
 DAMP_RETRIES = 10  # add the damping again this many times before declaring H singular

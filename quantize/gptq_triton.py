@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gptq import ERR_NORM, GroupResult, find_scales
+from quantize.gptq import ERR_NORM, GroupResult, find_scales
 
 BLOCK_N = 32  # columns per program
 

@@ -1,7 +1,7 @@
 """Hessians H = E[xᵀx] of each linear's input, collected with forward pre-hooks.
 
 Linears that read the same input share one H (q/k/v: the normed residual; gate/up likewise); the
-table in runtime.text.DECODER_LINEARS says which, so nothing here knows the architecture.
+table in pixtral.text.DECODER_LINEARS says which, so nothing here knows the architecture.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from runtime.text import LinearSpec
+from pixtral.text import LinearSpec
 
 
 class HessianAccumulator:

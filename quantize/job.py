@@ -21,16 +21,15 @@ import torch
 from torch import Tensor
 
 from calibration.rows import CalibrationSpec
-from runtime.config import PixtralConfig
-from runtime.device import resolve_device
-from runtime.exl2_format import GroupPlan
-from runtime.outputs import atomic_write_json
-from runtime.progress import ProgressFn
-
-from .checkpoint import DEFAULT_SHARD_MB
-from .compute import Compute
-from .gptq import DAMP
-from .streams import RowStore, load_rows
+from pixtral.config import PixtralConfig
+from pixtral.device import resolve_device
+from pixtral.exl2.format import GroupPlan
+from pixtral.exl2.writer import DEFAULT_SHARD_MB
+from pixtral.outputs import atomic_write_json
+from pixtral.progress import ProgressFn
+from quantize.compute import Compute
+from quantize.gptq import DAMP
+from quantize.streams import Location, RowStore, load_rows
 
 WORK_DIR = ".work"
 JOB_FILE = "job.json"
@@ -132,14 +131,14 @@ class JobState:
     frozen: dict[str, Any]
     stage: Stage = Stage.CALIBRATE
     blocks_done: int = 0  # blocks finished in the current stage (two per decoder layer)
-    streams: dict[str, str] = field(default_factory=dict)  # stream -> the 'stream:buffer' holding its rows
+    streams: dict[str, Location] = field(default_factory=dict)  # stream -> the buffer holding its rows
     images: int = 0  # pictures in the calibration rows
     tiers: dict[str, TierState] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     def to_json(self) -> dict[str, Any]:
         return {"version": JOB_VERSION, "fingerprint": self.fingerprint, "frozen": self.frozen, "stage": self.stage.value,
-                "blocks_done": self.blocks_done, "streams": self.streams, "images": self.images,
+                "blocks_done": self.blocks_done, "streams": {k: str(v) for k, v in self.streams.items()}, "images": self.images,
                 "tiers": {name: tier.to_json() for name, tier in self.tiers.items()}, "timings": self.timings}  # fmt: skip
 
     @staticmethod
@@ -147,7 +146,8 @@ class JobState:
         if data.get("version") != JOB_VERSION:
             raise ValueError("job file from another version")
         tiers = {name: TierState.from_json(tier) for name, tier in data["tiers"].items()}
-        return JobState(data["fingerprint"], data["frozen"], Stage(data["stage"]), data["blocks_done"], data["streams"], data["images"],
+        return JobState(data["fingerprint"], data["frozen"], Stage(data["stage"]), data["blocks_done"],
+                        {k: Location.parse(v) for k, v in data["streams"].items()}, data["images"],
                         tiers, data["timings"])  # fmt: skip
 
 

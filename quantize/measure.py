@@ -19,21 +19,20 @@ from typing import Any
 
 from torch import Tensor
 
-from runtime.errors import UserError
-from runtime.exl2_format import pad_columns, storage_bits
-from runtime.outputs import atomic_write_json
-from runtime.progress import Progress
-from runtime.text import DECODER_LINEARS, layer_prefix
-from runtime.version import VERSION
-
-from .block import BLOCKS, RESIDUAL_LINEARS, BlockRunner, block_specs, energy
-from .candidates import GROUP_ROWS, Candidate, anchor_candidates, linear_shapes
-from .compute import Compute
-from .gptq import GPTQResult, PreparedHessian, gptq_quantize, output_error, prepare_hessian
-from .hessian import HessianAccumulator
-from .job import MEASUREMENT_FILE, JobContext, JobState, save_state
-from .parallel import MeasureLinear, StreamBlock, Task, Workers
-from .streams import current_location
+from pixtral.errors import UserError
+from pixtral.exl2.format import pad_columns, storage_bits
+from pixtral.outputs import atomic_write_json
+from pixtral.progress import Progress
+from pixtral.text import DECODER_LINEARS, layer_prefix
+from pixtral.version import VERSION
+from quantize.block import BLOCKS, RESIDUAL_LINEARS, BlockRunner, block_specs, energy
+from quantize.candidates import GROUP_ROWS, Candidate, anchor_candidates, linear_shapes
+from quantize.compute import Compute
+from quantize.gptq import GPTQResult, PreparedHessian, gptq_quantize, output_error, prepare_hessian
+from quantize.hessian import HessianAccumulator
+from quantize.job import MEASUREMENT_FILE, JobContext, JobState, save_state
+from quantize.parallel import MeasureLinear, StreamBlock, Task, Workers
+from quantize.streams import MEASURED, current_location
 
 MEASUREMENT_FORMAT = "pixtral-exl2-measurement"
 MEASUREMENT_VERSION = 1
@@ -134,10 +133,10 @@ def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     for index in range(state.blocks_done, blocks):
         layer, block = divmod(index, 2)
-        source = current_location(state.streams, "m")
+        source = current_location(state.streams, MEASURED)
         specs = block_specs(BLOCKS[block])
         tasks: list[Task] = [MeasureLinear(layer, BLOCKS[block], spec.name, source, count) for spec in specs]
-        tasks.append(StreamBlock("m", layer, BLOCKS[block], source, count))
+        tasks.append(StreamBlock(MEASURED, layer, BLOCKS[block], source, count))
 
         done = iter(range(layer * len(DECODER_LINEARS) + (len(DECODER_LINEARS) - len(specs) if block else 0) + 1, total + 1))
 
@@ -149,12 +148,12 @@ def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
         *results, target = workers.map(tasks, report)
         partial.update({layer_prefix(layer) + spec.name: anchors_to_json(anchors) for spec, anchors in zip(specs, results)})
         atomic_write_json(partial_path, partial)
-        state = replace(state, blocks_done=index + 1, streams={**state.streams, "m": target})
+        state = replace(state, blocks_done=index + 1, streams={**state.streams, MEASURED: target})
         save_state(ctx.work, state)
     shapes = linear_shapes(ctx.cfg)
     measurements = {name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()}
     atomic_write_json(Path(ctx.config.out_dir) / MEASUREMENT_FILE, measurement_to_json(measurements, _meta(ctx)))
-    ctx.store.remove("m")
+    ctx.store.remove(MEASURED)
     return state
 
 

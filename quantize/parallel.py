@@ -31,17 +31,16 @@ from typing import Any
 
 import torch
 
-from runtime.config import PixtralConfig
-from runtime.errors import OptionError, UserError
-from runtime.exl2_format import GroupPlan
-from runtime.model import load_layer
-from runtime.text import DecoderLayer, layer_prefix
-from runtime.weights import Checkpoint
-
-from .block import BlockRunner
-from .compute import Compute
-from .job import JobContext, QuantizeConfig
-from .streams import RowStore, save_tensors
+from pixtral.config import PixtralConfig
+from pixtral.errors import OptionError, UserError
+from pixtral.exl2.format import GroupPlan
+from pixtral.model import load_layer
+from pixtral.text import DecoderLayer, layer_prefix
+from pixtral.weights import Checkpoint
+from quantize.block import BlockRunner
+from quantize.compute import Compute
+from quantize.job import JobContext, QuantizeConfig
+from quantize.streams import Location, RowStore, save_tensors
 
 INSTALL_HINT = 'pip install -e ".[distributed]"'
 OBJECT_STORE_BYTES = 256 * 2**20  # tasks pass names and numbers only (rows stay on disk): a small store will do
@@ -59,7 +58,7 @@ class StreamBlock:
     stream: str
     layer: int
     block: str
-    source: str
+    source: Location
     rows: int
 
 
@@ -71,7 +70,7 @@ class TierBlock:
     layer: int
     block: str
     plans: dict[str, tuple[tuple[int, int], ...]]  # linear name (in the layer) -> groups
-    source: str
+    source: Location
     rows: int
 
 
@@ -82,7 +81,7 @@ class MeasureLinear:
     layer: int
     block: str
     name: str
-    source: str
+    source: Location
     rows: int
 
 
@@ -91,8 +90,8 @@ class TierHead:
     """One tier's head on its final stream, and its calibration KL (tiers.HeadQuantizer)."""
 
     tier: str
-    location: str
-    reference: str
+    location: Location
+    reference: Location
 
 
 Task = StreamBlock | TierBlock | MeasureLinear | TierHead
@@ -108,7 +107,7 @@ class TaskRunner:
         self._layer: tuple[int, DecoderLayer] | None = None
         self._measured: tuple[tuple[int, str, str], BlockRunner, Any] | None = None
         self._weights: dict[int, list[torch.Tensor] | None] = {}
-        self.heads: dict[str, Any] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
+        self.heads: dict[Location, Any] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
 
     def layer(self, index: int) -> DecoderLayer:
         if self._layer is None or self._layer[0] != index:
@@ -126,8 +125,8 @@ class TaskRunner:
         return BlockRunner(self.layer(layer), self.ctx.cfg.text, self.ctx.config.calibration.length, self.ctx.compute)
 
     def run(self, task: Task) -> Any:
-        from .measure import block_inputs, measure_linear
-        from .tiers import advance, quantize_block, quantize_head
+        from quantize.measure import block_inputs, measure_linear
+        from quantize.tiers import advance, quantize_block, quantize_head
 
         ctx = self.ctx
         if isinstance(task, StreamBlock):

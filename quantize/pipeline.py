@@ -12,7 +12,6 @@ shard are in memory at a time; row states live on disk (streams.py).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -22,19 +21,18 @@ from pathlib import Path
 import torch
 
 from calibration.rows import build_rows
-from runtime.config import PixtralConfig, load_config
-from runtime.errors import OptionError
-from runtime.eval.card import render_card
-from runtime.exl2_metadata import CalibrationInfo, EXL2Metadata
-from runtime.model import PixtralModel, load_module
-from runtime.outputs import atomic_write_bytes
-from runtime.progress import Progress, ProgressFn
-from runtime.tokenizer import PixtralTokenizer
-from runtime.weights import Checkpoint, weights_bytes
-
-from .checkpoint import EXLLAMAV2_VERSION, write_exl2_checkpoint
-from .compute import Compute
-from .job import (
+from pixtral.config import PixtralConfig, load_config
+from pixtral.errors import OptionError
+from pixtral.exl2.metadata import CalibrationInfo, EXL2Metadata
+from pixtral.exl2.writer import EXLLAMAV2_VERSION, is_finished_tier, write_exl2_checkpoint
+from pixtral.model import PixtralModel, load_module
+from pixtral.outputs import atomic_write_bytes
+from pixtral.progress import Progress, ProgressFn
+from pixtral.tokenizer import PixtralTokenizer
+from pixtral.weights import Checkpoint, weights_bytes
+from quantize.card import render_card
+from quantize.compute import Compute
+from quantize.job import (
     MEASUREMENT_FILE,
     ROWS_FILE,
     STAGES,
@@ -47,11 +45,11 @@ from .job import (
     save_state,
     tier_name,
 )
-from .measure import QUANTIZER_VERSION, run_measure
-from .parallel import InProcess, Workers, connect_workers
-from .preflight import check_model, check_plan, scan_weights
-from .streams import EMBEDDED, RowStore, load_rows, save_rows
-from .tiers import HEAD, run_tiers
+from quantize.measure import QUANTIZER_VERSION, run_measure
+from quantize.parallel import InProcess, Workers, connect_workers
+from quantize.preflight import check_model, check_plan, scan_weights
+from quantize.streams import EMBEDDED, RowStore, load_rows, save_rows
+from quantize.tiers import HEAD, run_tiers
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def run_quantize(config: QuantizeConfig, progress: ProgressFn | None = None) -> 
 def _run_job(config: QuantizeConfig, cfg: PixtralConfig, tokenizer: PixtralTokenizer, progress: ProgressFn,
              ray_workers: Workers | None) -> list[TierResult]:  # fmt: skip
     state = _resumed_job(config)
-    if state is None and config.resume and all(_is_exl2_dir(Path(config.out_dir) / tier_name(b)) for b in config.tiers):
+    if state is None and config.resume and all(is_finished_tier(Path(config.out_dir) / tier_name(b)) for b in config.tiers):
         return [_finished_tier(Path(config.out_dir) / tier_name(b)) for b in sorted(config.tiers)]  # nothing left to do
     state = state or _start_job(config, tokenizer, progress)
     store = RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size)
@@ -151,7 +149,7 @@ def stage_compile(ctx: JobContext, state: JobState, _workers: Workers) -> JobSta
     tiers = dict(state.tiers)
     for done, name in enumerate(sorted(tiers), start=1):
         tier, out = tiers[name], Path(ctx.config.out_dir) / name
-        if tier.compiled or (ctx.config.resume and _is_exl2_dir(out)):
+        if tier.compiled or (ctx.config.resume and is_finished_tier(out)):
             continue  # finished by this job (a kill can fall between the rename and the job update)
         calibration = CalibrationInfo(spec.rows, spec.length, spec.dataset_name(), state.images, spec.image_token_weight)
         metadata = EXL2Metadata(version=EXLLAMAV2_VERSION, bits=tier.target_bpw, head_bits=ctx.config.head_bits,
@@ -172,11 +170,6 @@ def stage_compile(ctx: JobContext, state: JobState, _workers: Workers) -> JobSta
 def _card(tier: str, metadata: EXL2Metadata, tier_dir: Path) -> dict[str, bytes]:
     """The tier's README.md model card, with what quantize knows (eval adds the measured quality)."""
     return {"README.md": render_card(tier, metadata, weights_bytes(tier_dir)).encode("utf-8")}
-
-
-def _is_exl2_dir(path: Path) -> bool:
-    config = path / "config.json"
-    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def _quantized_loader(qdir: Path) -> Callable[[str], dict[str, torch.Tensor]]:

@@ -15,11 +15,10 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.exl2_format import GroupPlan, storage_bits
-
-from .allocate import Option, allocate
-from .candidates import Candidate, all_candidates, make_plan
-from .measure import LinearMeasurement, MeasurementError
+from pixtral.exl2.format import GroupPlan, storage_bits
+from quantize.allocate import Option, allocate
+from quantize.candidates import Candidate, all_candidates, make_plan
+from quantize.measure import LinearMeasurement, MeasurementError
 
 FINE_GROUP_ROWS = 32  # the finest scale groups refine_groups() makes
 

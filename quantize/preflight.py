@@ -8,21 +8,21 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import PixtralConfig, load_config
-from runtime.device import resolve_device
-from runtime.errors import OptionError, check_range
-from runtime.exl2_format import pad_columns, storage_bits
-from runtime.model import parameter_counts
-from runtime.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable, read_marker
-from runtime.text import DECODER_LINEARS
-from runtime.tokenizer import PixtralTokenizer
-from runtime.weights import Checkpoint, WeightsError
-
-from .candidates import HEAD_OPTIONS, head_plan, linear_shapes
-from .job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
-from .measure import MeasurementError, load_measurement, measurement_from_json
-from .plan import is_exllamav2_measurement, minimum_bpw
-from .streams import disk_bytes
+from pixtral.config import PixtralConfig, load_config
+from pixtral.device import resolve_device
+from pixtral.errors import OptionError, check_range
+from pixtral.exl2.format import pad_columns, storage_bits
+from pixtral.exl2.writer import is_finished_tier
+from pixtral.model import parameter_counts
+from pixtral.outputs import OutputError, check_outside_inputs, check_replaceable, check_writable
+from pixtral.text import DECODER_LINEARS
+from pixtral.tokenizer import PixtralTokenizer
+from pixtral.weights import Checkpoint, WeightsError
+from quantize.candidates import HEAD_OPTIONS, head_plan, linear_shapes
+from quantize.job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
+from quantize.measure import MeasurementError, load_measurement, measurement_from_json
+from quantize.plan import is_exllamav2_measurement, minimum_bpw
+from quantize.streams import disk_bytes
 
 FLOAT_DTYPES = {"F16", "BF16", "F32"}
 MAX_BPW = 8.0
@@ -92,7 +92,7 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     if repeated:
         raise OptionError(f"--bpw: {repeated[0].removesuffix('bpw')} is given more than once")
     if config.workers > 1 or config.ray_address is not None:
-        from .parallel import ray_host_port, ray_module
+        from quantize.parallel import ray_host_port, ray_module
 
         ray_module()  # installed, or a one-line error saying how
         if config.ray_address is not None:
@@ -152,14 +152,10 @@ def check_output_dir(config: QuantizeConfig) -> None:
         for tier in written[:-1]:
             check_replaceable(tier, True, "quantize")
         return
-    if load_state(config.work_dir) is None and not all(_is_finished(out_dir / tier_name(b)) for b in config.tiers):
+    # a .work without a saved job is a job stopped before its first save point: --resume starts it again
+    if load_state(config.work_dir) is None and not config.work_dir.is_dir() and not all(is_finished_tier(out_dir / tier_name(b)) for b in config.tiers):
         raise OutputError(f"{out_dir}: holds no unfinished quantize job to resume; pass --force to start over there "
                           "(only its tiers, measurement.json and .work are replaced)")  # fmt: skip
-
-
-def _is_finished(tier_dir: Path) -> bool:
-    marker = read_marker(tier_dir)
-    return marker is not None and "config.json" in marker["files"]
 
 
 def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:

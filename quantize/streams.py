@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibration.rows import CalibrationRow
-from runtime.outputs import follow_umask
+from pixtral.outputs import follow_umask
 
+# the streams; a tier's stream is named by its tier (e.g. "4.0bpw")
 EMBED = "embed"  # the decoder inputs, written once; every stream starts from it
-EMBEDDED = f"{EMBED}:0"  # the one buffer they are written to
+MEASURED = "m"  # the measurement's rows, through the fp16 blocks
+REFERENCE = "ref"  # the fp16 reference the tiers' GPTQ targets and heads are scored against
+
+
+@dataclass(frozen=True)
+class Location:
+    """One of a stream's two buffers: where a block reads its rows, or writes them."""
+
+    stream: str
+    buffer: int
+
+    def __str__(self) -> str:  # as the job file records it: "stream:buffer"
+        return f"{self.stream}:{self.buffer}"
+
+    @staticmethod
+    def parse(text: str) -> Location:
+        stream, _, buffer = text.rpartition(":")
+        return Location(stream, int(buffer))
+
+
+EMBEDDED = Location(EMBED, 0)  # the one buffer the decoder inputs are written to
 
 
 def save_rows(path: Path, rows: list[CalibrationRow]) -> None:
@@ -61,18 +83,17 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class RowStore:
-    """Row states of named streams in `folder`, double-buffered; a location is 'stream:buffer'."""
+    """Row states of named streams in `folder`, double-buffered (a Location names one buffer)."""
 
     def __init__(self, folder: Path, length: int, hidden: int):
         self.folder, self.shape = folder, (length, hidden)
         self.record = length * hidden * 2  # fp16 bytes per row
         folder.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, location: str) -> Path:
-        name, _, buffer = location.rpartition(":")
-        return self.folder / f"{name}.{buffer}.bin"
+    def _path(self, location: Location) -> Path:
+        return self.folder / f"{location.stream}.{location.buffer}.bin"
 
-    def read(self, location: str, row: int) -> torch.Tensor:
+    def read(self, location: Location, row: int) -> torch.Tensor:
         """Row `row` of the buffer at `location`, [length, hidden] fp16 on the CPU."""
         with open(self._path(location), "rb") as handle:
             data = os.pread(handle.fileno(), self.record, row * self.record)
@@ -80,11 +101,11 @@ class RowStore:
             raise OSError(f"{self._path(location)}: row {row} is missing (a damaged work directory; start over with --force)")
         return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.shape).copy())
 
-    def rows(self, location: str, count: int) -> Iterator[torch.Tensor]:
+    def rows(self, location: Location, count: int) -> Iterator[torch.Tensor]:
         for row in range(count):
             yield self.read(location, row)
 
-    def write(self, location: str, row: int, state: torch.Tensor) -> None:
+    def write(self, location: Location, row: int, state: torch.Tensor) -> None:
         data = state.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
         path = self._path(location)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
@@ -95,18 +116,17 @@ class RowStore:
 
     def remove(self, stream: str) -> None:
         for buffer in (0, 1):
-            self._path(f"{stream}:{buffer}").unlink(missing_ok=True)
+            self._path(Location(stream, buffer)).unlink(missing_ok=True)
 
 
-def current_location(streams: dict[str, str], stream: str) -> str:
+def current_location(streams: dict[str, Location], stream: str) -> Location:
     """Where a stream's rows are now (`streams` as the job state records them): `embed` until its first block."""
     return streams.get(stream, EMBEDDED)
 
 
-def next_location(stream: str, current: str) -> str:
+def next_location(stream: str, current: Location) -> Location:
     """Where a stream's next block writes: its other buffer (its first one, when it reads `embed`)."""
-    name, _, buffer = current.rpartition(":")
-    return f"{stream}:{1 - int(buffer)}" if name == stream else f"{stream}:0"
+    return Location(stream, 1 - current.buffer) if current.stream == stream else Location(stream, 0)
 
 
 def disk_bytes(rows: int, measure_rows: int, tiers: int, length: int, hidden: int) -> int:

@@ -15,21 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.exl2_format import GroupPlan, bits_per_weight
-from runtime.progress import Progress
-from runtime.text import RMSNorm, layer_prefix
-from runtime.weights import Checkpoint
-
-from .block import BLOCKS, BlockRunner, block_specs
-from .candidates import head_plan, linear_shapes
-from .compute import Compute
-from .gptq import GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
-from .hessian import HessianAccumulator
-from .job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
-from .measure import load_measurement, measurement_from_json
-from .parallel import StreamBlock, Task, TierBlock, TierHead, Workers
-from .plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
-from .streams import EMBED, current_location, next_location, save_tensors
+from pixtral.exl2.format import GroupPlan, bits_per_weight
+from pixtral.progress import Progress
+from pixtral.text import RMSNorm, layer_prefix
+from pixtral.weights import Checkpoint
+from quantize.block import BLOCKS, BlockRunner, block_specs
+from quantize.candidates import head_plan, linear_shapes
+from quantize.compute import Compute
+from quantize.gptq import GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
+from quantize.hessian import HessianAccumulator
+from quantize.job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
+from quantize.measure import load_measurement, measurement_from_json
+from quantize.parallel import StreamBlock, Task, TierBlock, TierHead, Workers
+from quantize.plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
+from quantize.streams import EMBED, REFERENCE, Location, current_location, next_location, save_tensors
 
 HEAD = "language_model.lm_head"
 
@@ -103,7 +102,7 @@ def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
         layer, which = divmod(index, 2)
         block = BLOCKS[which]
         streams = dict(state.streams)
-        tasks: list[Task] = [StreamBlock("ref", layer, block, current_location(streams, "ref"), count)]
+        tasks: list[Task] = [StreamBlock(REFERENCE, layer, block, current_location(streams, REFERENCE), count)]
         for tier in tiers:
             plans = {s.name: state.tiers[tier].plans[layer_prefix(layer) + s.name] for s in block_specs(block)}
             tasks.append(TierBlock(tier, layer, block, plans, current_location(streams, tier), rows))
@@ -121,7 +120,7 @@ def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
     return quantize_heads(ctx, state, workers)
 
 
-def advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, source: str, count: int) -> str:
+def advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, source: Location, count: int) -> Location:
     """Run the block over a stream's rows, one at a time, into its other buffer; return that buffer."""
     target = next_location(stream, source)
     for row, state in enumerate(ctx.store.rows(source, count)):
@@ -145,7 +144,7 @@ def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
 
 
 @torch.no_grad()
-def quantize_head(ctx: JobContext, heads: dict[str, HeadQuantizer], tier: str, location: str, reference: str,
+def quantize_head(ctx: JobContext, heads: dict[Location, HeadQuantizer], tier: str, location: Location, reference: Location,
                   weights: Sequence[Tensor] | None) -> tuple[float, float]:  # fmt: skip
     """One tier's head on its final stream (tensors saved in the work directory), its rows weighted by
     `weights`; returns its bpw and calibration KL. `heads` keeps the fp16 reference per reference
@@ -170,7 +169,7 @@ def quantize_heads(ctx: JobContext, state: JobState, workers: Workers) -> JobSta
     in parallel on Ray workers); the state is saved as each finishes."""
     tiers = dict(state.tiers)
     todo = [name for name in sorted(tiers) if tiers[name].head_bpw is None]  # others were done before an interruption
-    reference = current_location(state.streams, "ref")
+    reference = current_location(state.streams, REFERENCE)
     finished = iter(range(len(tiers) - len(todo) + 1, len(tiers) + 1))
 
     def save(task: Task, _worker: int, result: tuple[float, float]) -> None:
@@ -182,6 +181,6 @@ def quantize_heads(ctx: JobContext, state: JobState, workers: Workers) -> JobSta
 
     workers.map([TierHead(name, current_location(state.streams, name), reference) for name in todo], save)
     if not ctx.config.keep_work:
-        for stream in ("ref", *tiers, EMBED):
+        for stream in (REFERENCE, *tiers, EMBED):
             ctx.store.remove(stream)  # every tier has its layers and head: the row states are done with
     return state

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from calibration.rows import CalibrationSpec
+from pixtral.errors import UserError
 from quantize.job import QuantizeConfig
-from runtime.errors import UserError
 
 RECIPE_DIR = Path(__file__).parent
 ALLOWED = {"description", "bpw", "head_bits", "calibration"}

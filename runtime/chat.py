@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .engine import Chunk, Engine, GenerationParams
-from .errors import UserError
-from .image import open_image
-from .outputs import atomic_write_json
-from .prompt import PromptImage, image_parts, prepare_image
+from pixtral.errors import UserError
+from pixtral.image import open_image
+from pixtral.outputs import atomic_write_json
+from pixtral.prompt import PromptImage, image_parts, prepare_image
+from runtime.engine import Chunk, Engine, GenerationParams
 
 
 class ChatError(UserError):

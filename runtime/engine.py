@@ -14,12 +14,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import Backend, GenerationRequest, TokenStep
-from .errors import UserError
-from .image import ImageError
-from .prompt import Prompt, PromptImage, chat_prompt
-from .sampling import SamplingParams
-from .tokenizer import PixtralTokenizer
+from pixtral.errors import UserError
+from pixtral.image import ImageError
+from pixtral.prompt import Prompt, PromptImage, chat_prompt
+from pixtral.tokenizer import PixtralTokenizer
+from runtime.backends.base import Backend, GenerationRequest, TokenStep
+from runtime.sampling import SamplingParams
 
 
 class ContextError(UserError):
@@ -124,9 +124,45 @@ class StopMatcher:
 class Engine:
     """Generation over one backend and the model's tokenizer (chat template included)."""
 
-    def __init__(self, backend: Backend, tokenizer: PixtralTokenizer):
+    def __init__(self, backend: Backend, tokenizer: PixtralTokenizer, images_refused: str | None = None):
+        """`images_refused`: why this engine takes no images although the model could (a server's
+        setting), or None."""
         self.backend = backend
         self.tokenizer = tokenizer
+        self.images_refused = images_refused
+
+    # what the model is, for those who serve it (the backend stays behind the engine)
+    @property
+    def max_seq_len(self) -> int:
+        return self.backend.max_seq_len
+
+    @property
+    def has_vision(self) -> bool:
+        """The model has a vision tower (whether this engine takes images: `require_vision`)."""
+        return self.backend.has_vision
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def attention(self) -> str:
+        return self.backend.attention
+
+    @property
+    def batches(self) -> bool:
+        """Concurrent requests run together (else one at a time)."""
+        return self.backend.batches
+
+    @property
+    def num_layers(self) -> int:
+        return self.backend.cfg.text.num_hidden_layers
+
+    def healthy(self) -> bool:
+        return self.backend.healthy()
+
+    def close(self) -> None:
+        self.backend.close()
 
     def chat_prompt(self, messages: list[dict[str, Any]], images: Sequence[PromptImage] = (), tools: list[dict[str, Any]] | None = None,
                     continue_final_message: bool = False) -> Prompt:  # fmt: skip
@@ -139,30 +175,31 @@ class Engine:
         """Refuse, before any costly work on a request (tokenizing megabytes takes seconds, decoding
         images too), text that cannot fit the context whatever its tokens: counting bytes is cheap."""
         least = self.tokenizer.min_tokens(_text_bytes(texts))
-        if least >= self.backend.max_seq_len:
+        if least >= self.max_seq_len:
             raise ContextError(f"the prompt is at least {least} tokens (its text alone) but the context holds "
-                               f"{self.backend.max_seq_len}; shorten it or raise the context length")  # fmt: skip
+                               f"{self.max_seq_len}; shorten it or raise the context length")  # fmt: skip
 
     def require_vision(self) -> None:
-        """Refuse images on a model without a vision tower."""
+        """Refuse images on a model without a vision tower, or where they are refused (`images_refused`):
+        the one place that decides; callers may ask before costly work on the images."""
         if not self.backend.has_vision:
             raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
+        if self.images_refused:
+            raise ImageError(self.images_refused)
 
     def check_fits(self, prompt: Prompt) -> int:
         """Refuse an empty prompt or one that leaves no room for a new token; return the room left."""
         if not len(prompt):
             raise ContextError("the prompt is empty")
-        room = self.backend.max_seq_len - len(prompt)
+        room = self.max_seq_len - len(prompt)
         if room < 1:
-            raise ContextError(f"the prompt is {len(prompt)} tokens but the context holds {self.backend.max_seq_len} "
+            raise ContextError(f"the prompt is {len(prompt)} tokens but the context holds {self.max_seq_len} "
                                "(prompt plus at least one new token); shorten it or raise the context length")  # fmt: skip
         return room
 
     def stream(self, prompt: Prompt, params: GenerationParams = GenerationParams()) -> Iterator[Chunk]:
         """Generate, yielding chunks as text becomes final; the last chunk has finish_reason and usage."""
         room = self.check_fits(prompt)
-        if prompt.images:
-            self.require_vision()
         budget = min(room, params.max_new_tokens) if params.max_new_tokens is not None else room
         eos = set() if params.ignore_eos else {self.tokenizer.eos_id}
         stop_ids = frozenset(eos | set(params.stop_token_ids))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import check_range
+from pixtral.errors import check_range
 
 
 @dataclass(frozen=True)

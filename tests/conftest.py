@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime.model_files import bundled_tokenizer_path
-from runtime.synthetic import SyntheticSpec, write_random_model
+from convert.hf_files import bundled_tokenizer_path
+from tests.support.synthetic import SyntheticSpec, write_random_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -60,7 +60,7 @@ def demo_tiers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     """The demo model and its tiers: STANDIN_TIERS with the default head, and 4.0 with an 8-bit head."""
     from typer.testing import CliRunner
 
-    from runtime.cli import app
+    from cli import app
     from runtime.demo.model import write_demo_model
 
     root = tmp_path_factory.mktemp("standin")
@@ -156,7 +156,7 @@ def device(request: pytest.FixtureRequest) -> str:
 def quantize_fixed(source: Path, out: Path, bits: int = 4, head_bits: int = 6, seed: int = 0, **write_kwargs) -> dict:
     """An EXL2 checkpoint with one uniform width per layer (GPTQ on a random SPD Hessian): format
     scaffolding for the format tests, independent of the quantizer pipeline."""
-    from quantize.uniform import write_uniform_tier
+    from tests.support.uniform import write_uniform_tier
 
     gen = torch.Generator().manual_seed(seed)
 

@@ -20,8 +20,8 @@ import pytest
 from conftest import PARAMS, write_native
 from typer.testing import CliRunner
 
-from runtime.cli import app
-from runtime.outputs import MARKER
+from cli import app
+from pixtral.outputs import MARKER
 
 runner = CliRunner()
 REPO = Path(__file__).parents[1]
@@ -152,7 +152,7 @@ def test_kill_during_convert_leaves_a_temporary_the_next_run_removes(native: Pat
     dst = tmp_path / "hf"
     code = textwrap.dedent(f"""
         import os
-        from quantize.convert_mistral import convert
+        from convert.mistral import convert
         convert({str(native)!r}, {str(dst)!r}, progress=lambda done, total: os._exit(9))
     """)
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 9
@@ -163,7 +163,7 @@ def test_kill_during_convert_leaves_a_temporary_the_next_run_removes(native: Pat
 
 
 def test_ctrl_c_during_convert_says_so_and_keeps_nothing(native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantize.convert_mistral as convert_module
+    import convert.mistral as convert_module
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -291,7 +291,7 @@ def test_a_reused_measurement_is_kept_in_out_and_the_head_bits_hold(model: Path,
 
 
 def test_plain_progress_lines_without_a_terminal(model: Path, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "quantize", str(model), str(tmp_path / "out"), *FAST],
+    result = subprocess.run([sys.executable, "-m", "cli", "quantize", str(model), str(tmp_path / "out"), *FAST],
                             cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     for stage in ("calibrate", "measure", "quantize", "compile"):
@@ -357,7 +357,7 @@ def test_sigterm_during_quantize_keeps_the_job_and_says_how_to_resume(model: Pat
     import time
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "runtime.cli", "quantize", str(model), str(out), *FAST]
+    command = [sys.executable, "-m", "cli", "quantize", str(model), str(out), *FAST]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not (out / ".work").exists() and job.poll() is None and time.monotonic() < deadline:
@@ -367,7 +367,8 @@ def test_sigterm_during_quantize_keeps_the_job_and_says_how_to_resume(model: Pat
     if job.returncode == 0:
         pytest.skip("the job finished before the signal arrived")
     assert job.returncode == 143 and "terminated" in output and "--resume" in output, output
-    assert invoke("quantize", model, out, *FAST, "--resume").exit_code == 0
+    resumed = invoke("quantize", model, out, *FAST, "--resume")
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_version_is_the_packages(tmp_path: Path) -> None:

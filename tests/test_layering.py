@@ -1,6 +1,7 @@
-"""The package layers, read from the source with `ast`: runtime (model, engine) at the bottom, then
-calibration, quantize, recipes; the CLI (`runtime/cli/`) is the one top layer that may import them all.
-No module imports a layer above its own, nothing imports the CLI, and module-level imports form no cycle.
+"""The package layers, read from the source with `ast`, bottom to top: pixtral (the model library and
+the EXL2 format), convert, calibration, quantize, recipes, runtime (engine, backends, chat, server,
+eval, demo), cli. No module imports a layer above its own or beside it, no library module imports the
+test fixtures, and module-level imports form no cycle.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-RANK = {"runtime": 0, "calibration": 1, "quantize": 2, "recipes": 3}
-CLI = "runtime.cli"
+RANK = {"pixtral": 0, "convert": 1, "calibration": 2, "quantize": 3, "recipes": 4, "runtime": 5, "cli": 6}
+OURS = set(RANK) | {"tests"}
 
 
 def _modules() -> dict[str, Path]:
@@ -39,11 +40,11 @@ def _imports(module: str, path: Path, top_level_only: bool) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-    return {n for n in names if n.split(".")[0] in RANK}
+    return {n for n in names if n.split(".")[0] in OURS}
 
 
 def _layer(module: str) -> str:
-    return "cli" if module == CLI or module.startswith(CLI + ".") else module.split(".")[0]
+    return module.split(".")[0]
 
 
 def test_no_module_imports_a_layer_above_its_own() -> None:
@@ -52,9 +53,9 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
         source = _layer(module)
         for target in _imports(module, path, top_level_only=False):
             target_layer = _layer(target)
-            if target_layer == "cli" and source != "cli":
-                violations.append(f"{module} imports the CLI ({target})")
-            elif source != "cli" and RANK[target_layer] > RANK[source]:
+            if target_layer == "tests":
+                violations.append(f"{module} imports a test fixture ({target})")
+            elif target_layer != source and RANK[target_layer] >= RANK[source]:
                 violations.append(f"{module} ({source}) imports {target} ({target_layer})")
     assert not violations, "\n".join(violations)
 
@@ -80,9 +81,35 @@ def test_module_level_imports_have_no_cycle() -> None:
 
 
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
-    """The walker is not vacuous: an upward import in runtime is found."""
+    """The walker is not vacuous: an upward import in the model library is found, at any depth."""
     probe = tmp_path / "probe.py"
-    probe.write_text("from quantize.gptq import gptq_quantize\n\ndef f():\n    from calibration import rows\n")
-    found = _imports("runtime.probe", probe, top_level_only=False)
-    assert {"quantize.gptq", "calibration"} <= found
-    assert _imports("runtime.probe", probe, top_level_only=True) == {"quantize.gptq", "quantize.gptq.gptq_quantize"}
+    probe.write_text("from quantize.gptq import gptq_quantize\n\ndef f():\n    from calibration import rows\n    from tests.support import synthetic\n")
+    found = _imports("pixtral.probe", probe, top_level_only=False)
+    assert {"quantize.gptq", "calibration", "tests.support"} <= found
+    assert _imports("pixtral.probe", probe, top_level_only=True) == {"quantize.gptq", "quantize.gptq.gptq_quantize"}
+
+
+def _reach_throughs(path: Path) -> list[str]:
+    """Where a module goes past the engine: `engine.backend…`, or another object's private names."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            owner = base.attr if isinstance(base, ast.Attribute) else base.id if isinstance(base, ast.Name) else ""
+            if node.attr == "backend" and owner == "engine":
+                found.append(f"{path.name}:{node.lineno} engine.backend")
+            elif node.attr.startswith("_") and not node.attr.startswith("__") and owner not in ("self", "cls"):
+                found.append(f"{path.name}:{node.lineno} {owner}.{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
+            name = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name, ast.Constant) and str(name.value).startswith("_"):
+                found.append(f"{path.name}:{node.lineno} getattr(…, {name.value!r})")
+    return found
+
+
+def test_the_server_uses_the_engine_s_public_surface_only(tmp_path: Path) -> None:
+    found = [hit for path in sorted((ROOT / "runtime" / "server").rglob("*.py")) for hit in _reach_throughs(path)]
+    assert not found, "\n".join(found)
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(loaded, engine):\n    loaded.engine.backend.cfg\n    engine.backend\n    getattr(engine, '_worker')\n    loaded._x\n")
+    assert len(_reach_throughs(probe)) == 4

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OptionError
-from .base import Backend
-from .exllamav2 import exllamav2_available
+from pixtral.errors import OptionError
+from runtime.backends.base import Backend
+from runtime.backends.exllamav2 import exllamav2_available
 
 BACKENDS = ("auto", "reference", "exllamav2")
 
@@ -48,11 +48,11 @@ def load_backend(model_dir: str | Path, config: BackendConfig = BackendConfig(),
     if config.max_seq_len is not None and config.max_seq_len < 16:
         raise OptionError(f"--context: expected at least 16 tokens, got {config.max_seq_len}")
     if name == "exllamav2":
-        from .exllamav2 import ExLlamaV2Backend
+        from runtime.backends.exllamav2 import ExLlamaV2Backend
 
         split = list(config.gpu_split) if config.gpu_split else None
         return ExLlamaV2Backend(model_dir, config.max_seq_len, config.cache_mode, split, config.max_batch_size, progress)
-    from .reference import ReferenceBackend
+    from runtime.backends.reference import ReferenceBackend
 
     if config.dtype is not None and config.dtype not in DTYPES:
         raise OptionError(f"--dtype: expected one of {', '.join(DTYPES)}, got {config.dtype!r}")

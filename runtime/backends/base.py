@@ -16,9 +16,10 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
-from ..model import PixtralModel
-from ..prompt import Prompt, PromptImage
-from ..sampling import SamplingParams
+from pixtral.config import PixtralConfig
+from pixtral.model import PixtralModel
+from pixtral.prompt import Prompt, PromptImage
+from runtime.sampling import SamplingParams
 
 Encoded = TypeVar("Encoded")
 
@@ -71,10 +72,11 @@ class GenerationRequest:
 
 
 class Backend(ABC):
-    """A loaded model that generates; `name`, `max_seq_len`, `has_vision` describe it, `attention`
-    says which attention runs, `batches` whether concurrent requests run together."""
+    """A loaded model that generates; `name`, `cfg`, `max_seq_len`, `has_vision` describe it,
+    `attention` says which attention runs, `batches` whether concurrent requests run together."""
 
     name: str
+    cfg: PixtralConfig
     max_seq_len: int
     has_vision: bool
     attention: str = "PyTorch (causal)"
@@ -97,6 +99,10 @@ class Backend(ABC):
     @abstractmethod
     def memory(self) -> dict[str, int]:
         """Bytes held: `weights`, `kv_cache` (allocated now), `kv_per_token`."""
+
+    def healthy(self) -> bool:
+        """Whether it can still generate (a backend with a generator thread: that the thread runs)."""
+        return True
 
     def close(self) -> None:
         """Release the model (the server's unload)."""

@@ -28,15 +28,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import load_config
-from ..errors import OptionError, UserError
-from ..kv_cache import kv_bytes_per_token
-from ..model import PixtralModel, load_module
-from ..prompt import Prompt, PromptImage
-from ..sampling import SamplingParams
-from ..tokenizer import PixtralTokenizer
-from ..weights import Checkpoint
-from .base import Backend, GenerationRequest, ImageCache, PrefillStats, TokenStep, TokenStream, encode_images
+from pixtral.config import load_config
+from pixtral.errors import OptionError, UserError
+from pixtral.kv_cache import kv_bytes_per_token
+from pixtral.model import PixtralModel, load_module
+from pixtral.prompt import Prompt, PromptImage
+from pixtral.tokenizer import PixtralTokenizer
+from pixtral.weights import Checkpoint
+from runtime.backends.base import (
+    Backend,
+    GenerationRequest,
+    ImageCache,
+    PrefillStats,
+    TokenStep,
+    TokenStream,
+    encode_images,
+)
+from runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +245,9 @@ class ExLlamaV2Backend(Backend):
         per_token = kv_bytes_per_token(self.cfg.text, {"FP16": 16, "Q8": 8, "Q6": 6, "Q4": 4}[self.cache_mode])
         allocated = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
         return {"weights": max(allocated - per_token * self.max_seq_len, 0), "kv_cache": per_token * self.max_seq_len, "kv_per_token": per_token}
+
+    def healthy(self) -> bool:
+        return self._worker.is_alive()
 
     def close(self) -> None:
         self._commands.put(("stop", None))

@@ -22,12 +22,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..device import resolve_device
-from ..kv_cache import KVCache, kv_bytes_per_token
-from ..model import load_model
-from ..prompt import Prompt, PromptImage
-from ..sampling import next_token
-from .base import Backend, GenerationRequest, ImageCache, PrefillStats, TokenStep, TokenStream, encode_images
+from pixtral.device import resolve_device
+from pixtral.kv_cache import KVCache, kv_bytes_per_token
+from pixtral.model import load_model
+from pixtral.prompt import Prompt, PromptImage
+from runtime.backends.base import (
+    Backend,
+    GenerationRequest,
+    ImageCache,
+    PrefillStats,
+    TokenStep,
+    TokenStream,
+    encode_images,
+)
+from runtime.sampling import next_token
 
 IMAGE_CACHE_SIZE = 32  # projected features of this many pictures stay in memory
 

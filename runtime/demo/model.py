@@ -13,12 +13,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..errors import UserError
-from ..model_files import bundled_tokenizer_path, write_model_files
-from ..outputs import atomic_directory, write_json
-from ..synthetic import SyntheticSpec
-from ..weights import ShardWriter
-from .task import NUMBERS, draw, random_scene, scene_questions
+from calibration.demo_task import NUMBERS, draw, random_scene, scene_questions
+from convert.hf_files import bundled_tokenizer_path, write_model_files
+from pixtral.errors import UserError
+from pixtral.outputs import atomic_directory, write_json
+from pixtral.weights import ShardWriter
+from runtime.demo.spec import SyntheticSpec
 
 WEIGHTS_FILE = Path(__file__).parent / "weights" / "demo-pixtral.safetensors"
 EXAMPLES_SEED = 4  # the pictures `demo-model` writes: a stream training, calibration and eval never use

@@ -4,7 +4,7 @@
 --seed 1` (how the shipped ones were made; each run's note keeps the one it continued).
 
 A small Pixtral (real decoder + vision tower + projector, Large's v7m1 tokenizer) learns the shapes
-task of runtime/demo/task.py through the real chat template, single questions and conversations of
+task of calibration/demo_task.py through the real chat template, single questions and conversations of
 several turns: loss on the answer tokens (and `</s>`) of every turn only, AdamW, warm-up then cosine decay, fp32 on the CPU. Deterministic for a seed and thread count.
 Writes the weights that `pixtral-exl2 demo-model` ships (runtime/demo/weights/) and a JSON note of
 the run (steps, seconds, loss, held-out accuracy).
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..model import PixtralModel
-from ..model_files import bundled_tokenizer_path, write_model_files
-from ..prompt import PromptImage, answer_ids, prepare_image, question_messages
-from ..text import rope_cos_sin
-from ..tokenizer import PixtralTokenizer
-from . import task
-from .model import DEMO_SPEC, WEIGHTS_FILE
+from calibration import demo_task as task
+from convert.hf_files import bundled_tokenizer_path, write_model_files
+from pixtral.model import PixtralModel
+from pixtral.prompt import PromptImage, answer_ids, prepare_image, question_messages
+from pixtral.text import rope_cos_sin
+from pixtral.tokenizer import PixtralTokenizer
+from runtime.demo.model import DEMO_SPEC, WEIGHTS_FILE
 
 LOG_FILE = WEIGHTS_FILE.with_suffix(".json")
 
@@ -119,7 +119,7 @@ def train(steps: int, batch: int, seed: int, peak_lr: float, out: Path, init: Pa
     cfg = DEMO_SPEC.config()
     with torch.device("meta"):
         model = PixtralModel(cfg)
-    from ..synthetic import random_weights
+    from runtime.demo.spec import random_weights
 
     if init is None:
         model.load_state_dict(dict(random_weights(cfg, DEMO_SPEC.seed)), assign=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from .run import ModelScore
+from runtime.eval.run import ModelScore
 
 
 def quality_figure(scores: list[ModelScore], title: str):  # -> matplotlib.figure.Figure

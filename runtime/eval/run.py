@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..backends.base import Backend
-from ..exl2_checkpoint import EXL2Checkpoint
-from ..weights import weights_bytes
-from .sets import EvalSet, Scored
+from pixtral.config import load_config
+from pixtral.errors import OptionError
+from pixtral.exl2.checkpoint import EXL2Checkpoint
+from pixtral.weights import weights_bytes
+from runtime.backends.base import Backend
+from runtime.eval.sets import EvalSet, Scored
 
 
 @dataclass
@@ -39,6 +41,36 @@ class ModelScore:
         return asdict(self)
 
 
+def tier_dirs(paths: list[Path]) -> list[Path]:
+    """Tier directories, a quantize output folder standing for all its tiers, in bpw order."""
+    tiers = []
+    for path in paths:
+        if (path / "config.json").is_file():
+            tiers.append(path)
+        elif path.is_dir() and sorted(path.glob("*bpw/config.json")):
+            tiers += [p.parent for p in path.glob("*bpw/config.json")]
+        else:
+            raise OptionError(f"{path}: not a model directory nor a quantize output folder (no config.json, no *bpw/ tiers)")
+    return sorted(dict.fromkeys(tiers), key=lambda p: float(p.name.removesuffix("bpw")) if p.name.endswith("bpw") else 99.0)
+
+
+def check_pairing(source: Path, tiers: list[Path]) -> None:
+    """The source is an unquantized model and every tier an EXL2 quantization of that architecture."""
+    source_config = load_config(source)
+    if source_config.quantization is not None:
+        raise OptionError(f"{source}: is an EXL2 checkpoint; the first argument is the fp16/bf16 source the tiers were made from")
+    for tier in tiers:
+        if tier.resolve() == source.resolve():
+            raise OptionError(f"{tier}: is the source itself; give the EXL2 tiers made from it")
+        tier_config = load_config(tier)
+        if tier_config.quantization is None:
+            raise OptionError(f"{tier}: not an EXL2 checkpoint (config.json has no quantization_config)")
+        if tier_config.text != source_config.text:
+            raise OptionError(f"{tier}: its decoder ({tier_config.text.num_hidden_layers} layers × {tier_config.text.hidden_size}, "
+                              f"vocabulary {tier_config.text.vocab_size}) is not the source's ({source_config.text.num_hidden_layers} × "
+                              f"{source_config.text.hidden_size}, {source_config.text.vocab_size})")  # fmt: skip
+
+
 def describe_model(path: Path) -> tuple[float | None, float | None, int]:
     """(decoder bpw, head bpw, size of the weights) of a model directory, measured from its EXL2
     tensors (a config's `bits` is a target: exllamav2's 4.0 tiers measure 3.9975, its head "6" 8.03)."""
@@ -53,26 +85,35 @@ def _logits(backend: Backend, items: list[Scored]) -> list[Tensor]:
     return backend.logits_at([(item.prompt, item.positions) for item in items]) if items else []
 
 
-SCORED_SETS = ("text", "image", "task")
+@dataclass(frozen=True)
+class SetLogits:
+    """One model's logits at the scored positions of each item of an EvalSet's scored sets."""
+
+    text: list[Tensor]
+    image: list[Tensor]
+    task: list[Tensor]
 
 
-def _set_logits(backend: Backend, eval_set: EvalSet) -> dict[str, list[Tensor]]:
+def _set_logits(backend: Backend, eval_set: EvalSet) -> SetLogits:
     """Logits of the text, image and task items, each distinct prompt run once: the demo's image
     and task items are the same prompts scored at different positions."""
+    sets = (eval_set.text, eval_set.image, eval_set.task)
     wanted: dict[tuple, tuple[Scored, set[int]]] = {}
-    for name in SCORED_SETS:
-        for item in getattr(eval_set, name):
+    for items in sets:
+        for item in items:
             key = (item.prompt.token_ids, tuple(image.key for image in item.prompt.images))
             wanted.setdefault(key, (item, set()))[1].update(item.positions)
     runs = [Scored(item.prompt, sorted(positions)) for item, positions in wanted.values()]
     by_key = {key: (rows, {p: i for i, p in enumerate(run.positions)}) for key, run, rows in zip(wanted, runs, _logits(backend, runs))}
-    out: dict[str, list[Tensor]] = {}
-    for name in SCORED_SETS:
-        out[name] = []
-        for item in getattr(eval_set, name):
+
+    def rows_of(items: list[Scored]) -> list[Tensor]:
+        out = []
+        for item in items:
             rows, index = by_key[(item.prompt.token_ids, tuple(image.key for image in item.prompt.images))]
-            out[name].append(rows[[index[p] for p in item.positions]])
-    return out
+            out.append(rows[[index[p] for p in item.positions]])
+        return out
+
+    return SetLogits(*(rows_of(items) for items in sets))
 
 
 def _mean_nll(logits: list[Tensor], items: list[Scored]) -> float:
@@ -125,7 +166,8 @@ def evaluate(
     progress("fp16", 0, total)
     backend = load(source)
     source_logits = _set_logits(backend, eval_set)
-    reference = {name: [t.to(torch.float16) for t in source_logits[name]] for name in ("text", "image")}
+    # fp16 on the CPU: the reference distributions are kept while every tier runs
+    reference = SetLogits([t.to(torch.float16) for t in source_logits.text], [t.to(torch.float16) for t in source_logits.image], [])
     scores = [_score(backend, source, "fp16", eval_set, reference, source_logits)]
     del source_logits
     backend.close()
@@ -138,17 +180,16 @@ def evaluate(
     return scores
 
 
-def _score(backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: dict[str, list[Tensor]],
-           logits: dict[str, list[Tensor]]) -> ModelScore:  # fmt: skip
+def _score(backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: SetLogits, logits: SetLogits) -> ModelScore:
     """Scores of one model from its logits on the text, image and task items (`_set_logits`)."""
     bpw, head_bpw, size = describe_model(path)
     score = ModelScore(name, str(path), bpw, head_bpw, size)
     if eval_set.text:
-        score.text_ppl = math.exp(_mean_nll(logits["text"], eval_set.text))
-        score.text_kl, _ = _kl_and_top1(reference["text"], logits["text"])
+        score.text_ppl = math.exp(_mean_nll(logits.text, eval_set.text))
+        score.text_kl, _ = _kl_and_top1(reference.text, logits.text)
     if eval_set.image:
-        score.image_kl, score.image_top1 = _kl_and_top1(reference["image"], logits["image"])
+        score.image_kl, score.image_top1 = _kl_and_top1(reference.image, logits.image)
     if eval_set.task:
-        score.task_accuracy = _exact(logits["task"], eval_set.task)
+        score.task_accuracy = _exact(logits.task, eval_set.task)
     score.choice_accuracy = _choice_accuracy(backend, eval_set)
     return score

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import UserError
-from ..image import open_image
-from ..prompt import Prompt, PromptImage, answer_ids, prepare_image, question_messages
-from ..tokenizer import PixtralTokenizer
+from pixtral.errors import UserError
+from pixtral.image import open_image
+from pixtral.prompt import Prompt, PromptImage, answer_ids, prepare_image, question_messages
+from pixtral.tokenizer import PixtralTokenizer
 
 MAX_TEXT_TOKENS = 512
+GENERAL_EVAL_SEED = 3  # the pictures drawn for a general model's image prompts (the demo task's eval stream number)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def demo_eval_set(tokenizer: PixtralTokenizer, samples: int, choices: list[Choic
     """The demo task's held-out questions (a seed stream training and calibration never drew):
     text questions scored whole, picture questions scored after the picture (KL, top-1) and on
     their answers (exact accuracy)."""
-    from ..demo.task import EVAL_SEED, examples
+    from calibration.demo_task import EVAL_SEED, examples
 
     held_out = examples(EVAL_SEED, samples)
     text = [conversation_item(tokenizer, question_messages(e.question, None), e.answer, None) for e in held_out if e.image is None]
@@ -129,3 +130,20 @@ def demo_eval_set(tokenizer: PixtralTokenizer, samples: int, choices: list[Choic
     image = [conversation_item(tokenizer, question_messages(e.question, p), e.answer, p) for p, e in pictures]
     task = [answer_item(tokenizer, question_messages(e.question, p), e.answer, p) for p, e in pictures]
     return EvalSet(text, image, task, choices)
+
+
+def build_eval_set(source: Path, texts: list[Path] | None, choices: Path | None, samples: int) -> EvalSet:
+    """The demo task's held-out questions for the demo model; otherwise held-out standard text and the
+    calibration pictures' questions (or your own text files), plus an optional multiple-choice file."""
+    from runtime.demo.model import is_demo_model
+
+    tokenizer = PixtralTokenizer(source)
+    mc = choice_items(tokenizer, read_choice_file(choices)) if choices else []
+    if is_demo_model(source) and not texts:
+        return demo_eval_set(tokenizer, samples, mc)
+    from calibration.sources import default_image_samples, read_texts, split_documents, standard_text_files
+
+    documents = [d for path in texts for d in read_texts(path)] if texts else \
+        [d for path in standard_text_files().values() for d in split_documents(path.read_text(encoding="utf-8"))[-4:]]  # fmt: skip
+    pictures = default_image_samples(GENERAL_EVAL_SEED, documents[:20])[: max(1, samples // 8)]
+    return EvalSet(text_items(tokenizer, documents[:samples]), image_items(tokenizer, [(p.image, p.question, p.answer) for p in pictures]), [], mc)

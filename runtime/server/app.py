@@ -20,15 +20,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import ContextError
-from ..errors import UserError
-from .auth import ADMIN, Keys, presented_keys
-from .completions import Run, chat_completion, chat_prompt, chat_stream, completion_prompts, sse, text_completion
-from .config import ServerConfig
-from .generation import GenerationCancelled
-from .metrics import Metrics
-from .models import InlineLoadRefused, ModelHost, ModelNotFound, NoModelLoaded, QueueFull
-from .schemas import (
+from pixtral.errors import UserError
+from runtime.engine import ContextError
+from runtime.server.auth import ADMIN, Keys, presented_keys
+from runtime.server.completions import Run, chat_completion, chat_stream, text_completion
+from runtime.server.config import ServerConfig
+from runtime.server.generation import GenerationCancelled
+from runtime.server.metrics import Metrics
+from runtime.server.models import InlineLoadRefused, ModelHost, ModelNotFound, NoModelLoaded, QueueFull
+from runtime.server.requests import chat_prompt, completion_prompts
+from runtime.server.responses import sse
+from runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorBody,
@@ -245,7 +247,7 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
         loaded = host.require()
         template = loaded.engine.tokenizer.chat_template or ""
         slots = loaded.slots or config.limits.max_concurrent_requests
-        return Props(total_slots=slots, chat_template=template, default_generation_settings={"n_ctx": loaded.engine.backend.max_seq_len})
+        return Props(total_slots=slots, chat_template=template, default_generation_settings={"n_ctx": loaded.engine.max_seq_len})
 
     @app.post("/v1/token/encode", dependencies=[Depends(permission)])
     async def encode(body: TokenEncodeRequest) -> TokenEncodeResponse:
@@ -288,10 +290,10 @@ def _card(host: ModelHost, name: str, details: bool = False) -> ModelCard:
     loaded = host.loaded
     card = ModelCard(id=name, created=loaded.created if loaded and loaded.name == name else 0)
     if loaded and loaded.name == name:
-        backend = loaded.engine.backend
-        card.parameters = {"max_seq_len": backend.max_seq_len, "backend": backend.name, "use_vision": backend.has_vision,
+        engine = loaded.engine
+        card.parameters = {"max_seq_len": engine.max_seq_len, "backend": engine.backend_name, "use_vision": engine.has_vision,
                            "cache_mode": loaded.backend_config.cache_mode, "prompt_template": "chat_template.json",
-                           "attention": backend.attention, "batches_requests": backend.batches}  # fmt: skip
+                           "attention": engine.attention, "batches_requests": engine.batches}  # fmt: skip
         if details:
             card.parameters["prompt_template_content"] = loaded.engine.tokenizer.chat_template
     return card
@@ -313,7 +315,7 @@ async def _load_events(host: ModelHost, body: ModelLoadRequest) -> AsyncIterator
             except asyncio.TimeoutError:
                 continue
         task.result()
-        total = host.loaded.engine.backend.cfg.text.num_hidden_layers if host.loaded else 0  # type: ignore[attr-defined]
+        total = host.loaded.engine.num_layers if host.loaded else 0
         yield sse(LoadProgress(module=total, modules=total, status="finished"))
     except UserError as err:
         yield sse({"error": {"message": str(err), "type": "invalid_request_error", "param": "model_name", "code": None}})

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ServerConfigError
+from runtime.server.config import ServerConfigError
 
 API, ADMIN = "api", "admin"
 

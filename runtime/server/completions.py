@@ -1,5 +1,5 @@
-"""`/v1/chat/completions` and `/v1/completions`: requests to prompts and generation params, generation
-on the held model, and the OpenAI responses — whole, or as SSE chunks ending in `data: [DONE]`.
+"""`/v1/chat/completions` and `/v1/completions`: generation on the held model for a translated request
+(requests.py), and the OpenAI responses (responses.py) — whole, or as SSE chunks ending in `data: [DONE]`.
 
 Streams are spec-complete (`id`, `object`, `created`, `model` in every chunk); a long prefill or a
 queue wait sends SSE keep-alive comments; an error after the stream began is sent as an OpenAI
@@ -10,140 +10,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from ..engine import Engine, GenerationParams, Usage
-from ..errors import UserError
-from ..prompt import Prompt
-from ..sampling import SamplingParams
-from .config import ServerConfig
-from .generation import ChoiceResult, Generation, GenerationCancelled, total_usage
-from .images import load_image_url
-from .models import Loaded, ModelHost
-from .schemas import (
+from pixtral.errors import UserError
+from pixtral.prompt import Prompt
+from runtime.engine import GenerationParams
+from runtime.server.config import ServerConfig
+from runtime.server.generation import ChoiceResult, Generation, GenerationCancelled, total_usage
+from runtime.server.models import Loaded, ModelHost
+from runtime.server.requests import generation_params
+from runtime.server.responses import chat_logprobs, completion_logprobs, error_event, forced_text, sse, usage_body
+from runtime.server.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChoiceLogprobs,
     ChunkChoice,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     Delta,
-    Message,
-    PromptTokensDetails,
     ResponseMessage,
-    SamplingFields,
     TextCompletion,
-    TokenLogprob,
-    TopLogprob,
 )
-from .schemas import Usage as UsageBody
-from .tools import forced_prefix, parse_tool_calls
+from runtime.server.schemas import Usage as UsageBody
+from runtime.server.tools import parse_tool_calls
 
 DISCONNECT_POLL_SECONDS = 0.5
 
-
-def generation_params(body: SamplingFields, config: ServerConfig, choice: int, logprobs: int | None, default_max: int | None = None) -> GenerationParams:
-    """OpenAI/TabbyAPI fields -> GenerationParams (OpenAI's defaults: temperature 1, nothing truncated)."""
-    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    requested = body.max_completion_tokens or body.max_tokens or default_max
-    cap = config.limits.max_new_tokens
-    sampling = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k or 0,
-        top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p or 0.0, typical=1.0 if body.typical is None else body.typical,
-        repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0, penalty_range=body.penalty_range or 0,
-        seed=None if body.seed is None else (body.seed + choice) % 2**63,
-    )  # fmt: skip
-    return GenerationParams(max_new_tokens=min(x for x in (requested, cap) if x) if (requested or cap) else None,
-                            stop=tuple(s for s in stops if isinstance(s, str)), stop_token_ids=tuple(s for s in stops if isinstance(s, int)),
-                            sampling=sampling, logprobs=logprobs, ignore_eos=body.ignore_eos or body.ban_eos_token)  # fmt: skip
-
-
-def check_choices(n: int, config: ServerConfig) -> None:
-    if n > config.limits.max_n:
-        raise UserError(f"n: {n} choices, more than this server's {config.limits.max_n}")
-
-
-def _template_message(message: Message) -> dict[str, Any]:
-    """A request message as the chat template reads it (`developer` is OpenAI's newer `system`)."""
-    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-    if isinstance(message.content, list):
-        out["content"] = [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image_url", "image_url": {"url": p.url}}
-                          for p in message.content]  # fmt: skip
-    else:
-        out["content"] = message.content
-    if message.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                             for c in message.tool_calls]  # fmt: skip
-    if message.tool_call_id:
-        out["tool_call_id"] = message.tool_call_id
-    return out
-
-
-def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfig) -> tuple[Prompt, bool]:
-    """The prompt (images fetched, checked and preprocessed: call off the event loop), and whether
-    the answer starts inside a tool call. Raises UserError for anything the request gets wrong."""
-    if len(body.messages) > config.limits.max_messages:
-        raise UserError(f"messages: {len(body.messages)} messages, more than this server's {config.limits.max_messages}")
-    check_choices(body.n, config)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise UserError(f"response_format {body.response_format.type!r} is not supported (no constrained decoding); use 'text'")
-    parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content if p.type != "text"]
-    engine = loaded.engine
-    messages = [_template_message(m) for m in body.messages]
-    tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
-    engine.check_text_fits(messages, tools)  # the cheapest refusal first: before images and tokenizing
-    if parts and not (engine.backend.has_vision and config.model.vision):
-        reason = "this model has no vision tower" if not engine.backend.has_vision else "vision is disabled on this server (model.vision)"
-        raise UserError(f"messages contain {len(parts)} image(s) but {reason}; send text only")
-    if len(parts) > config.images.max_images_per_request:
-        raise UserError(f"messages contain {len(parts)} images, more than this server's {config.images.max_images_per_request}")
-    images = [load_image_url(p.url, config.images) for p in parts]
-    prompt = engine.chat_prompt(messages, images, tools, body.continue_final_message)
-    forced = bool(tools) and body.tool_choice not in (None, "auto")
-    if forced:
-        tokenizer = engine.tokenizer
-        prefix = forced_prefix(body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
-                               tokenizer.vocab_size == 32768)  # fmt: skip
-        extra = [tokenizer.tool_calls_id] + (tokenizer.encode(prefix) if prefix else [])
-        prompt = Prompt(prompt.token_ids + tuple(extra), prompt.images)
-    engine.check_fits(prompt)
-    return prompt, forced
-
-
-def usage_body(usage: Usage) -> UsageBody:
-    total = usage.prefill_seconds + usage.decode_seconds
-    return UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens), prompt_time=usage.prefill_seconds,
-                     completion_time=usage.decode_seconds, total_time=total,
-                     prompt_tokens_per_sec=(usage.prompt_tokens - usage.cached_tokens) / usage.prefill_seconds if usage.prefill_seconds else 0.0,
-                     completion_tokens_per_sec=usage.decode_tokens_per_second)  # fmt: skip
-
-
-def _token_text(engine: Engine, token_id: int) -> str:
-    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _chat_logprobs(engine: Engine, steps: list) -> ChoiceLogprobs:
-    def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = _token_text(engine, token_id)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-
-    content = []
-    for step in steps:
-        head = entry(step.token_id, step.logprob if step.logprob is not None else 0.0)
-        content.append(TokenLogprob(**head.model_dump(), top_logprobs=[entry(t, lp) for t, lp in step.top_logprobs]))
-    return ChoiceLogprobs(content=content)
 
 
 class Run:
@@ -211,9 +110,10 @@ class Run:
         return text, None, result.finish_reason
 
 
+
 async def chat_completion(run: Run, body: ChatCompletionRequest, prompt: Prompt, forced: bool) -> ChatCompletion:
     engine, choices, usages = run.loaded.engine, [], []
-    prefix = _forced_text(engine, prompt, forced)
+    prefix = forced_text(engine, prompt, forced)
     slots = await run.host.acquire_slot()
     try:
         for index in range(body.n):
@@ -226,20 +126,13 @@ async def chat_completion(run: Run, body: ChatCompletionRequest, prompt: Prompt,
                 raise asyncio.CancelledError  # the client went away
             content, calls, finish = run.finish(result, prefix)
             choices.append(ChatChoice(index=index, message=ResponseMessage(content=content, tool_calls=calls), finish_reason=finish,
-                                      logprobs=_chat_logprobs(engine, result.logprobs) if body.logprobs else None, stop_str=result.stop_string))  # fmt: skip
+                                      logprobs=chat_logprobs(engine, result.logprobs) if body.logprobs else None, stop_str=result.stop_string))  # fmt: skip
             usages.append(result.usage)
     finally:
         slots.release()
     return ChatCompletion(id=f"chatcmpl-{run.id_prefix}", created=run.created, model=run.loaded.name, choices=choices,
                           usage=usage_body(total_usage(usages)))  # fmt: skip
 
-
-def _forced_text(engine: Engine, prompt: Prompt, forced: bool) -> str:
-    """The start of a forced tool call that the prompt already holds (after `[TOOL_CALLS]`)."""
-    if not forced:
-        return ""
-    ids = list(prompt.token_ids)
-    return engine.tokenizer.decode(ids[len(ids) - ids[::-1].index(engine.tokenizer.tool_calls_id) :])
 
 
 async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
@@ -257,19 +150,10 @@ async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
     yield wait.result()
 
 
-def sse(payload: Any) -> str:
-    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-def error_event(err: BaseException) -> str:
-    kind = "invalid_request_error" if isinstance(err, UserError) else "service_unavailable" if isinstance(err, GenerationCancelled) else "server_error"
-    return sse({"error": {"message": str(err) or type(err).__name__, "type": kind, "param": None, "code": None}})
-
 
 async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, forced: bool) -> AsyncIterator[str]:
     engine, usages = run.loaded.engine, []
-    prefix = _forced_text(engine, prompt, forced)
+    prefix = forced_text(engine, prompt, forced)
     ident = f"chatcmpl-{run.id_prefix}"
 
     def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> str:
@@ -291,7 +175,7 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
                     if delta is None:
                         yield ": keep-alive\n\n"
                         continue
-                    logprobs = _chat_logprobs(engine, result.logprobs[seen:]) if body.logprobs else None
+                    logprobs = chat_logprobs(engine, result.logprobs[seen:]) if body.logprobs else None
                     seen = len(result.logprobs)
                     yield chunk([ChunkChoice(index=index, delta=Delta(content=delta), logprobs=logprobs)])
             if result.usage is None:
@@ -312,37 +196,21 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
     yield "data: [DONE]\n\n"
 
 
-def completion_prompts(loaded: Loaded, body: CompletionRequest, config: ServerConfig) -> list[Prompt]:
-    """One prompt per string (BOS first, as exllamav2 and TabbyAPI add it), or the token ids given."""
-    check_choices(body.n, config)
-    if body.suffix or body.echo:
-        raise UserError("suffix and echo are not supported")
-    tokenizer = loaded.engine.tokenizer
-    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
-        vocab = tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in body.prompt):  # type: ignore[operator]
-            raise UserError(f"prompt: token ids must be in [0, {vocab})")
-        prompts = [Prompt(tuple(body.prompt))]  # type: ignore[arg-type]
-    else:
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        for text in texts:
-            loaded.engine.check_text_fits(text)
-        prompts = [Prompt(tuple([tokenizer.bos_id] + tokenizer.encode(t))) for t in texts]  # type: ignore[arg-type]
-    for prompt in prompts:
-        loaded.engine.check_fits(prompt)
-    return prompts
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing to send yet (queued, or a long prefill): an SSE comment keeps the connection."""
 
 
-def _completion_logprobs(engine: Engine, steps: list) -> CompletionLogprobs:
-    out, offset = CompletionLogprobs(), 0
-    for step in steps:
-        text = _token_text(engine, step.token_id)
-        out.tokens.append(text)
-        out.token_logprobs.append(step.logprob if step.logprob is not None else 0.0)
-        out.top_logprobs.append({_token_text(engine, t): lp for t, lp in step.top_logprobs})
-        out.text_offset.append(offset)
-        offset += len(text)
-    return out
+@dataclass(frozen=True)
+class TextDelta:
+    index: int  # the choice: prompt · n + choice
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceDone:
+    result: ChoiceResult  # finished: its finish_reason and usage are set
 
 
 async def text_completion(run: Run, body: CompletionRequest, prompts: list[Prompt]) -> TextCompletion | AsyncIterator[str]:
@@ -350,12 +218,12 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
     engine = run.loaded.engine
     ident = f"cmpl-{run.id_prefix}"
 
-    async def generate() -> AsyncIterator[tuple[int, str | None, ChoiceResult | None]]:
+    async def generate() -> AsyncIterator[KeepAlive | TextDelta | ChoiceDone]:
         slots = None
         async with aclosing(queue_for_slot(run)) as queue:
             async for slots in queue:
                 if slots is None:
-                    yield -1, None, None  # queued: a keep-alive
+                    yield KeepAlive()  # queued
         assert slots is not None
         try:
             for p, prompt in enumerate(prompts):
@@ -365,20 +233,20 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
                     choice = run.choice_chunks(prompt, generation_params(body, run.config, i, body.logprobs, 16), result, False)
                     async with contextlib.aclosing(choice) as deltas:
                         async for delta in deltas:
-                            yield index, delta, result
+                            yield KeepAlive() if delta is None else TextDelta(index, delta)
                     if result.usage is None:
-                        return
-                    yield index, "", result
+                        return  # the client went away
+                    yield ChoiceDone(result)
         finally:
             slots.release()
 
     if not body.stream:
         results: dict[int, ChoiceResult] = {}
-        async for index, _, result in generate():
-            if result is not None:
-                results[index] = result
+        async for event in generate():
+            if isinstance(event, ChoiceDone):
+                results[event.result.index] = event.result
         choices = [CompletionChoice(index=i, text="".join(r.text), finish_reason=r.finish_reason,
-                                    logprobs=_completion_logprobs(engine, r.logprobs) if body.logprobs is not None else None)
+                                    logprobs=completion_logprobs(engine, r.logprobs) if body.logprobs is not None else None)
                    for i, r in sorted(results.items())]  # fmt: skip
         if len(choices) != len(prompts) * body.n:
             raise asyncio.CancelledError
@@ -388,16 +256,17 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
     async def lines() -> AsyncIterator[str]:
         usages = []
         try:
-            async for index, delta, result in generate():
-                if delta is None:
+            async for event in generate():
+                if isinstance(event, KeepAlive):
                     yield ": keep-alive\n\n"
-                elif delta:
+                elif isinstance(event, TextDelta):
                     yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
-                                             choices=[CompletionChoice(index=index, text=delta, finish_reason=None)]))  # fmt: skip
-                elif result is not None and result.usage is not None:
-                    usages.append(result.usage)
+                                             choices=[CompletionChoice(index=event.index, text=event.text, finish_reason=None)]))  # fmt: skip
+                else:
+                    done = event.result
+                    usages.append(done.usage)
                     yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
-                                             choices=[CompletionChoice(index=index, text="", finish_reason=result.finish_reason)]))  # fmt: skip
+                                             choices=[CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason)]))  # fmt: skip
             if body.stream_options and body.stream_options.include_usage and usages:
                 yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name, choices=[], usage=usage_body(total_usage(usages))))
         except asyncio.CancelledError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, UserError, check_range
+from pixtral.errors import OptionError, UserError, check_range
 
 SAMPLE_CONFIG = Path(__file__).with_name("config_sample.yml")
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..engine import Chunk, Engine, GenerationParams, Usage
-from ..prompt import Prompt
+from pixtral.prompt import Prompt
+from runtime.engine import Chunk, Engine, GenerationParams, Usage
 
 END = object()  # the worker is done
 

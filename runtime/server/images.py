@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..image import ImageError, open_image
-from ..prompt import PromptImage, prepare_image
-from .config import ImagesConfig
+from pixtral.image import ImageError, open_image
+from pixtral.prompt import PromptImage, prepare_image
+from runtime.server.config import ImagesConfig
 
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<payload>.*)$", re.S)
 

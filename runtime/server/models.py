@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backends import BackendConfig, load_backend
-from ..engine import Engine
-from ..errors import UserError
-from ..tokenizer import PixtralTokenizer
-from .config import ServerConfig
-from .generation import Generation
-from .schemas import Health, ModelLoadRequest
+from pixtral.errors import UserError
+from pixtral.tokenizer import PixtralTokenizer
+from runtime.backends import BackendConfig, load_backend
+from runtime.engine import Engine
+from runtime.server.config import ServerConfig
+from runtime.server.generation import Generation
+from runtime.server.schemas import Health, ModelLoadRequest
 
 log = logging.getLogger("pixtral_exl2.server")
 
@@ -49,7 +49,7 @@ class Loaded:
     def slots(self) -> int:
         """Generations that run at once: 0 (no limit) where the backend batches jobs (exllamav2 with
         paged attention), else one (the reference backend, unpaged exllamav2)."""
-        return 0 if self.engine.backend.batches else 1
+        return 0 if self.engine.batches else 1
 
 
 class ModelHost:
@@ -135,7 +135,8 @@ class ModelHost:
             await self._unload()
             backend = await asyncio.to_thread(load_backend, path, config, progress)
             tokenizer = await asyncio.to_thread(PixtralTokenizer, path)
-            self.loaded = Loaded(name, path, Engine(backend, tokenizer), config)
+            refused = None if self.config.model.vision else "vision is disabled on this server (model.vision); send text only"
+            self.loaded = Loaded(name, path, Engine(backend, tokenizer, refused), config)
             slots = self.loaded.slots or self.config.limits.max_concurrent_requests
             self._slots = asyncio.Semaphore(slots)
             self.failures.clear()
@@ -153,7 +154,7 @@ class ModelHost:
             deadline = time.monotonic() + self.config.limits.shutdown_grace_seconds
             while self.generations and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            await asyncio.to_thread(loaded.engine.backend.close)
+            await asyncio.to_thread(loaded.engine.close)
 
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new generations, let running ones finish for up to `grace` seconds,
@@ -193,7 +194,6 @@ class ModelHost:
         stalled = [g for g in self.generations if now - g.last_progress > self.config.limits.stall_seconds]
         if stalled:
             issues.append(f"{len(stalled)} generation(s) made no progress for over {self.config.limits.stall_seconds:g} s")
-        worker = getattr(self.loaded.engine.backend, "_worker", None) if self.loaded else None
-        if worker is not None and not worker.is_alive():
+        if self.loaded is not None and not self.loaded.engine.healthy():
             issues.append("the generator thread has stopped")
         return Health(status="unhealthy" if issues else "healthy", issues=issues, model_loaded=self.loaded is not None)

@@ -6,10 +6,10 @@ import socket
 
 import uvicorn
 
-from .app import server_app
-from .auth import Keys
-from .config import ServerConfig
-from .models import ModelHost
+from runtime.server.app import server_app
+from runtime.server.auth import Keys
+from runtime.server.config import ServerConfig
+from runtime.server.models import ModelHost
 
 
 class GracefulServer(uvicorn.Server):
@@ -28,7 +28,7 @@ class GracefulServer(uvicorn.Server):
 def bind_socket(host: str, port: int) -> socket.socket:
     """The listening socket, bound before any model loads: a bad address or a busy port fails at
     once (OptionError: one line, exit 2), not after minutes of loading."""
-    from ..errors import OptionError
+    from pixtral.errors import OptionError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -9,7 +9,7 @@ import secrets
 import string
 from typing import Any
 
-from .schemas import ResponseFunction, ResponseToolCall
+from runtime.server.schemas import ResponseFunction, ResponseToolCall
 
 ID_ALPHABET = string.ascii_letters + string.digits
 

@@ -15,8 +15,8 @@ from PIL import Image
 from calibration.render import bar_chart, document, rendered_samples, table
 from calibration.rows import CalibrationSpec, build_rows, fit_image
 from calibration.sources import CalibrationError, read_image_samples, read_texts, standard_text_files
-from runtime.image import patch_grid
-from runtime.tokenizer import PixtralTokenizer
+from pixtral.image import patch_grid
+from pixtral.tokenizer import PixtralTokenizer
 
 
 @pytest.fixture(scope="module")

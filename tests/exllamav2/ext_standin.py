@@ -2,7 +2,7 @@
 
 Each op is written from exllamav2's shipped C++/CUDA sources (exllamav2/exllamav2_ext/, cited per
 function), so that exllamav2's own, unmodified Python runs on a CPU. It is an oracle: it shares no
-code with the project's EXL2 reader (runtime/exl2_format.py) or models, and it checks what the CUDA
+code with the project's EXL2 reader (pixtral/exl2/format.py) or models, and it checks what the CUDA
 kernels silently assume (q_perm a permutation, widths in exllamav2's order, group boundaries on the
 kernels' row steps, dtypes and shapes), raising where a GPU would compute garbage.
 

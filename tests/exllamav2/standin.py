@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import ext_standin
 import pytest
 import torch
-
-import ext_standin
 
 # exllamav2's modules that map a device index to "cuda:N"
 DEVICE_MODULES = ("exllamav2.model", "exllamav2.module", "exllamav2.device", "exllamav2.compat")

@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli import app
+from pixtral.prompt import prepare_image
+from pixtral.tokenizer import PixtralTokenizer
 from runtime.backends.reference import ReferenceBackend
-from runtime.cli import app
 from runtime.engine import Engine, GenerationParams
-from runtime.prompt import prepare_image
 from runtime.sampling import SamplingParams
 from runtime.server.config import ModelConfig, ServerConfig
-from runtime.tokenizer import PixtralTokenizer
 
 GREEDY = GenerationParams(max_new_tokens=24, sampling=SamplingParams(temperature=0.0))
 

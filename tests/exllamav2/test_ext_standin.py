@@ -8,11 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import ext_standin as ext
 import numpy as np
 import pytest
 import torch
-
-import ext_standin as ext
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "exl2_worked_example.json").read_text())
 NONE = torch.empty((1, 1), device="meta")

@@ -16,8 +16,8 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
-from runtime.model_files import bundled_tokenizer_path
-from runtime.tokenizer import PixtralTokenizer
+from convert.hf_files import bundled_tokenizer_path
+from pixtral.tokenizer import PixtralTokenizer
 
 mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk  # noqa: E402
@@ -126,7 +126,7 @@ def test_exllamav2s_own_processor_lays_pictures_out_differently(exllamav2: Any, 
     vision tower, rounds the picture to 32 px and ends the grid with an extra [IMG_BREAK]."""
     from exllamav2.vlm.vision_tower import ExLlamaV2VisionTower
 
-    from runtime.image import patch_grid
+    from pixtral.image import patch_grid
 
     demo, tiers = demo_tiers
     config = exllamav2.ExLlamaV2Config(str(tiers["4.0bpw"]))

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from pixtral.exl2.checkpoint import EXL2Checkpoint
+from pixtral.prompt import Prompt, chat_prompt
+from pixtral.tokenizer import PixtralTokenizer
 from runtime.backends.exllamav2 import attention_path
 from runtime.backends.reference import ReferenceBackend
-from runtime.exl2_checkpoint import EXL2Checkpoint
-from runtime.prompt import Prompt, chat_prompt
-from runtime.tokenizer import PixtralTokenizer
 
 QUESTION = [{"role": "user", "content": "What colour is the circle? Tell me about the shapes in the picture."}]
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli import app
 
 runner = CliRunner()
 FAST = ["--bpw", "4.0", "--rows", "4", "--measure-rows", "2", "--length", "96", "--text-only"]

@@ -12,11 +12,11 @@ from conftest import quantize_fixed
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from runtime.cli import app
-from runtime.exl2_checkpoint import EXL2Checkpoint
-from runtime.exl2_format import FormatError
-from runtime.model import load_model
-from runtime.weights import Checkpoint, WeightsError
+from cli import app
+from pixtral.exl2.checkpoint import EXL2Checkpoint
+from pixtral.exl2.format import FormatError
+from pixtral.model import load_model
+from pixtral.weights import Checkpoint, WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_truncated_shard_is_named(exl2_pair, tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
-    from quantize.checkpoint import write_exl2_checkpoint
-    from runtime.exl2_metadata import EXL2Metadata
+    from pixtral.exl2.metadata import EXL2Metadata
+    from pixtral.exl2.writer import write_exl2_checkpoint
 
     def explode(prefix: str) -> dict:
         raise RuntimeError("boom")
@@ -161,9 +161,9 @@ def test_reads_exllamav2_style_output_with_stale_index(exl2_pair, tmp_path: Path
 
 
 def test_bias_is_packed_padded_fp16() -> None:
+    from pixtral.exl2.checkpoint import validate_layer
     from quantize.candidates import make_plan
     from quantize.gptq import pack_exl2, rtn_quantize
-    from runtime.exl2_checkpoint import validate_layer
 
     plan = make_plan(64, 4, 4, 64)
     tensors = pack_exl2(rtn_quantize(torch.randn(40, 64), plan), plan, bias=torch.arange(40.0))

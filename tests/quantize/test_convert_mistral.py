@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from quantize.convert_mistral import ConversionError, convert, permute_for_rope, unpermute_for_rope
-from runtime.cli import app
-from runtime.config import load_config
-from runtime.image import encode_image
-from runtime.tokenizer import PixtralTokenizer
+from cli import app
+from convert.mistral import ConversionError, convert, permute_for_rope, unpermute_for_rope
+from pixtral.config import load_config
+from pixtral.image import encode_image
+from pixtral.tokenizer import PixtralTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +142,7 @@ def test_streamed_output_is_sharded_and_dtype_kept(tmp_path: Path) -> None:
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert load_config(dst).text.num_hidden_layers == 2
-    from runtime.weights import Checkpoint
+    from pixtral.weights import Checkpoint
 
     with Checkpoint(dst) as ckpt:
         assert {ckpt.dtype(n) for n in ckpt.names()} == {"BF16"}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli import app
 from runtime.demo.model import write_demo_model
 
 pytest.importorskip("ray")
@@ -46,13 +46,13 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The demo model and its tiers quantized by one process with one thread (what each worker uses)."""
     root = tmp_path_factory.mktemp("distributed")
     source = write_demo_model(root / "demo")
-    args = [sys.executable, "-m", "runtime.cli", "quantize", str(source), str(root / "one"), *FLAGS, "--threads", "1"]
+    args = [sys.executable, "-m", "cli", "quantize", str(source), str(root / "one"), *FLAGS, "--threads", "1"]
     subprocess.run(args, cwd=REPO, capture_output=True, timeout=600, check=True)
     return source, root / "one"
 
 
 def _cli(source: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "runtime.cli", "quantize", str(source), str(out), *FLAGS, "--workers", "2", "--threads", "1"]
+    return [sys.executable, "-m", "cli", "quantize", str(source), str(out), *FLAGS, "--workers", "2", "--threads", "1"]
 
 
 def test_two_workers_write_the_bytes_of_one_process(one_process: tuple[Path, Path], tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quantize.exl2_pack import build_q_groups, pack_codes, pack_q_weight, pack_scales, perm_to_q_invperm
-from runtime.exl2_format import (
+from pixtral.exl2.format import (
     EXL2_BITS,
     FormatError,
     GroupPlan,
@@ -26,6 +25,7 @@ from runtime.exl2_format import (
     unpack_q_weight,
     unpack_scales,
 )
+from pixtral.exl2.pack import build_q_groups, pack_codes, pack_q_weight, pack_scales, perm_to_q_invperm
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "exl2_worked_example.json").read_text())
 

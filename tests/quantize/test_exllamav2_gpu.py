@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import quantize_fixed
 
-from runtime.exl2_checkpoint import EXL2Checkpoint
-from runtime.model import load_model
-from runtime.synthetic import SyntheticSpec, write_random_model
+from pixtral.exl2.checkpoint import EXL2Checkpoint
+from pixtral.model import load_model
+from tests.support.synthetic import SyntheticSpec, write_random_model
 
 pytestmark = pytest.mark.gpu
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pixtral.exl2.format import dequantize, storage_bits
 from quantize.candidates import all_candidates, anchor_candidates, head_plan, make_plan
 from quantize.gptq import PreparedHessian, gptq_quantize, pack_exl2, prepare_hessian, rtn_quantize
-from runtime.exl2_format import dequantize, storage_bits
 
 
 def _problem(N: int = 96, K: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +78,7 @@ def test_candidate_plans_are_valid_exl2(rows: int) -> None:
 
 @pytest.mark.parametrize("bits,expected", [(6, 6.345), (8, 8.032), (2, 2.735), (4, 4.439)])
 def test_head_options_cost_what_exllamav2_reports(bits: int, expected: float) -> None:
-    from runtime.exl2_format import bits_per_weight
+    from pixtral.exl2.format import bits_per_weight
 
     # spec §3.3: bpw of the head options for a 4096 × 32000 head
     assert bits_per_weight(head_plan(4096, bits), 32000) == pytest.approx(expected, abs=0.01)

@@ -7,9 +7,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from pixtral.exl2.format import GroupPlan  # noqa: E402
 from quantize.gptq import gptq_quantize, prepare_hessian, quantize_group  # noqa: E402
 from quantize.gptq_triton import triton_quantize_group  # noqa: E402
-from runtime.exl2_format import GroupPlan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

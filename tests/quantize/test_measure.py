@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pixtral.config import load_config
+from pixtral.model import load_layer
+from pixtral.text import DECODER_LINEARS
+from pixtral.weights import Checkpoint
 from quantize.block import RESIDUAL_LINEARS, BlockRunner, energy
 from quantize.candidates import make_plan
 from quantize.compute import Compute
 from quantize.gptq import gptq_quantize, output_error, prepare_hessian
-from runtime.config import load_config
-from runtime.model import load_layer
-from runtime.text import DECODER_LINEARS
-from runtime.weights import Checkpoint
 
 
 @pytest.mark.parametrize("name", RESIDUAL_LINEARS)

@@ -15,15 +15,15 @@ from PIL import Image
 
 from calibration.render import bar_chart, table
 from calibration.rows import CalibrationSpec
+from pixtral.exl2.checkpoint import EXL2Checkpoint
+from pixtral.image import encode_image
+from pixtral.model import load_model
+from pixtral.tokenizer import PixtralTokenizer
+from pixtral.weights import Checkpoint
 from quantize.gptq import rtn_quantize
 from quantize.job import QuantizeConfig
 from quantize.pipeline import run_quantize
-from runtime.exl2_checkpoint import EXL2Checkpoint
-from runtime.image import encode_image
-from runtime.model import load_model
-from runtime.synthetic import SyntheticSpec, write_random_model
-from runtime.tokenizer import PixtralTokenizer
-from runtime.weights import Checkpoint
+from tests.support.synthetic import SyntheticSpec, write_random_model
 
 QUANT_SPEC = SyntheticSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                            vision_hidden_size=64, vision_intermediate_size=128, vision_heads=2, tokenizer="spm", seed=3)  # fmt: skip

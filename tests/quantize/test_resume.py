@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.rows import CalibrationSpec
+from cli import app
+from pixtral.text import DECODER_LINEARS
 from quantize.job import QuantizeConfig, load_state
 from quantize.pipeline import run_quantize
-from runtime.cli import app
-from runtime.synthetic import SyntheticSpec, write_random_model
-from runtime.text import DECODER_LINEARS
+from tests.support.synthetic import SyntheticSpec, write_random_model
 
 SPEC = SyntheticSpec(hidden_size=64, intermediate_size=128, num_layers=3, tokenizer="spm", seed=11)
 TIERS = (3.0, 4.0, 6.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli import app
 
 runner = CliRunner()
 

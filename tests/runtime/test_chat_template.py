@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from runtime.image import patch_grid
-from runtime.tokenizer import PixtralTokenizer
+from pixtral.image import patch_grid
+from pixtral.tokenizer import PixtralTokenizer
 
 mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk  # noqa: E402
@@ -21,7 +21,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall  # noqa: E402
 
-from runtime.model_files import bundled_tokenizer_path  # noqa: E402
+from convert.hf_files import bundled_tokenizer_path  # noqa: E402
 
 WIDE, TALL = Image.new("RGB", (40, 20), "red"), Image.new("RGB", (30, 50), "blue")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from runtime.cli import app
-from runtime.config import load_config
+from cli import app
+from pixtral.config import load_config
 from runtime.demo.model import DEMO_SPEC
 
 runner = CliRunner()
@@ -40,6 +40,6 @@ def test_info_on_a_non_pixtral_dir_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_console_script_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert "demo-model" in result.stdout

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, load_config, parse_config, to_hf_dict
-from runtime.model import parameter_counts
+from convert.hf_files import to_hf_dict
+from pixtral.config import ConfigError, load_config, parse_config
+from pixtral.model import parameter_counts
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibration.demo_task import CELLS, COLOURS, EVAL_SEED, Thing, draw, examples, scene_questions, yes_no
+from pixtral.image import open_image
+from pixtral.prompt import prepare_image
+from pixtral.tokenizer import PixtralTokenizer
 from runtime.backends.reference import ReferenceBackend
 from runtime.demo.model import DEMO_SPEC, WEIGHTS_FILE, is_demo_model, write_demo_model
-from runtime.demo.task import CELLS, COLOURS, EVAL_SEED, Thing, draw, examples, scene_questions, yes_no
 from runtime.engine import Engine, GenerationParams
 from runtime.eval.sets import answer_item, image_items, question_messages
-from runtime.image import open_image
-from runtime.prompt import prepare_image
 from runtime.sampling import SamplingParams
-from runtime.tokenizer import PixtralTokenizer
 
 MIN_FP16_ACCURACY = 0.9  # the shipped weights reach ~0.965 on 256 held-out questions (weights/demo-pixtral.json)
 MIN_EXAMPLE_ACCURACY = 0.8  # only 24 example questions: at 0.965, three misses is a 1-in-20 draw (it happens: 21/24)
@@ -104,7 +104,7 @@ def test_the_shipped_weights_answer_every_turn_of_a_conversation(demo: Path) -> 
     already sent, text questions in between, a new picture mid-chat) after the earlier right answers."""
     import torch
 
-    from runtime.demo.task import CHAT_EVAL_SEED, conversations
+    from calibration.demo_task import CHAT_EVAL_SEED, conversations
     from runtime.demo.train import answer_logits, conversation_ids
 
     tokenizer = PixtralTokenizer(demo)
@@ -132,7 +132,7 @@ def test_a_scripted_chat_with_a_follow_up_and_a_new_picture_is_answered_right(de
     only, it answered "Hello No." to a second question)."""
     from typer.testing import CliRunner
 
-    from runtime.cli import app
+    from cli import app
 
     def chat(script: list[str]) -> list[str]:
         result = CliRunner().invoke(app, ["chat", str(demo), "--backend", "reference", "--temperature", "0", "--max-tokens", "16"],

@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pixtral.config import ConfigError
+from pixtral.image import ImageError, open_image
+from pixtral.kv_cache import KVCache
+from pixtral.prompt import Prompt, prepare_image
+from pixtral.tokenizer import PixtralTokenizer
 from runtime.backends import BackendConfig, load_backend
 from runtime.backends.reference import ReferenceBackend
-from runtime.config import ConfigError
 from runtime.engine import ContextError, Engine, GenerationParams, StopMatcher, TextStream
-from runtime.image import ImageError, open_image
-from runtime.kv_cache import KVCache
-from runtime.prompt import Prompt, prepare_image
 from runtime.sampling import SamplingParams
-from runtime.tokenizer import PixtralTokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 ATOL = 1e-4  # fp32 on both paths: only summation order differs

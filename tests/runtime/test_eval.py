@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli import app
+from pixtral.outputs import MARKER
 from runtime.demo.model import write_demo_model
-from runtime.outputs import MARKER
 
 runner = CliRunner()
 README = Path(__file__).parents[2] / "README.md"
@@ -142,7 +142,7 @@ def test_eval_measures_bpw_from_the_tensors_not_the_config(quantized: tuple[Path
     """A config's numbers are claims (exllamav2's convert writes 4.0 / head 6 for 3.9975 / 8.03 bpw)."""
     import shutil
 
-    from runtime.exl2_checkpoint import EXL2Checkpoint
+    from pixtral.exl2.checkpoint import EXL2Checkpoint
 
     demo, out = quantized
     tier = tmp_path / "4.0bpw"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from runtime.exl2_metadata import CalibrationInfo, EXL2Metadata, MetadataError
+from pixtral.exl2.metadata import CalibrationInfo, EXL2Metadata, MetadataError
 
 OURS = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 6, "source_model": "demo",
         "calibration": {"rows": 24, "length": 256, "dataset": "text=(default); images=(default)", "images": 12, "image_token_weight": 0.1},

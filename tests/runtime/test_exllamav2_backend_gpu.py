@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from quantize.uniform import write_uniform_tier
+from pixtral.prompt import prepare_image
+from pixtral.tokenizer import PixtralTokenizer
 from runtime.backends.reference import ReferenceBackend
 from runtime.engine import Engine, GenerationParams
-from runtime.prompt import prepare_image
 from runtime.sampling import SamplingParams
-from runtime.synthetic import SyntheticSpec, write_random_model
-from runtime.tokenizer import PixtralTokenizer
+from tests.support.synthetic import SyntheticSpec, write_random_model
+from tests.support.uniform import write_uniform_tier
 
 pytestmark = pytest.mark.gpu
 

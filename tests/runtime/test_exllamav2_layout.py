@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from pixtral.image import ImageTokenIds, image_token_ids
 from runtime.backends.exllamav2 import layout_block
-from runtime.image import ImageTokenIds, image_token_ids
 
 
 def test_features_at_img_positions_markers_at_theirs() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.image import ImageError, ImageSpec, ImageTokenIds, encode_image, open_image, patch_grid
+from pixtral.image import ImageError, ImageSpec, ImageTokenIds, encode_image, open_image, patch_grid
 
 mc_image = pytest.importorskip("mistral_common.tokens.tokenizers.image")
 from mistral_common.protocol.instruct.chunk import ImageChunk  # noqa: E402

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from runtime.mistral_tokenizer import convert_mistral_tokenizer
-from runtime.model_files import bundled_tokenizer_path
+from convert.hf_files import bundled_tokenizer_path
+from convert.tokenizer import convert_mistral_tokenizer
 
 mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
 
@@ -76,7 +76,7 @@ def test_decode_round_trips(kind: str) -> None:
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_spm_model"])
 def test_plain_encoding_matches_mistral_common(model_fixture: str, request: pytest.FixtureRequest) -> None:
     """What the token routes and the engine encode: plain text, no special token before it."""
-    from runtime.tokenizer import PixtralTokenizer
+    from pixtral.tokenizer import PixtralTokenizer
 
     model_dir = request.getfixturevalue(model_fixture)
     ours = PixtralTokenizer(model_dir)

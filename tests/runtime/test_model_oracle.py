@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.image import encode_image
-from runtime.model import load_model
-from runtime.tokenizer import PixtralTokenizer
+from pixtral.image import encode_image
+from pixtral.model import load_model
+from pixtral.tokenizer import PixtralTokenizer
 
 transformers = pytest.importorskip("transformers")
 

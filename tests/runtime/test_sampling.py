@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from runtime.errors import OptionError
+from pixtral.errors import OptionError
 from runtime.sampling import (
     SamplingParams,
     apply_penalties,

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from calibration.rows import CalibrationSpec
+from pixtral.prompt import prepare_image
+from pixtral.tokenizer import PixtralTokenizer
 from quantize.job import QuantizeConfig
 from quantize.pipeline import run_quantize
 from runtime.backends.reference import ReferenceBackend
 from runtime.engine import Engine, GenerationParams
-from runtime.prompt import prepare_image
 from runtime.sampling import SamplingParams
-from runtime.tokenizer import PixtralTokenizer
 
 # 8.0 bpw: every weight (head too) on a 256-level grid per 128-row group, scales on a 16-level grid;
 # the weight error stays below ~0.4 % of each group's largest weight. Through two layers and the head,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.model import iter_layers, load_model
-from runtime.weights import Checkpoint, WeightsError
+from pixtral.model import iter_layers, load_model
+from pixtral.weights import Checkpoint, WeightsError
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -87,7 +87,7 @@ def test_missing_tensor_is_named(tiny_model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bf16_and_fp32_checkpoints_load(tmp_path: Path, dtype: torch.dtype) -> None:
-    from runtime.synthetic import SyntheticSpec, write_random_model
+    from tests.support.synthetic import SyntheticSpec, write_random_model
 
     model_dir = write_random_model(tmp_path / "m", SyntheticSpec(tokenizer="spm", seed=4), dtype=dtype)
     with Checkpoint(model_dir) as ckpt:

@@ -16,8 +16,8 @@ import httpx
 import torch
 import uvicorn
 
+from pixtral.prompt import Prompt
 from runtime.backends.base import Backend, GenerationRequest, PrefillStats, TokenStep, TokenStream
-from runtime.prompt import Prompt
 from runtime.server.app import server_app
 from runtime.server.auth import Keys
 from runtime.server.config import ServerConfig

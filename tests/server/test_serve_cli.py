@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli import app
 from runtime.server.auth import load_or_create_keys
 from runtime.server.config import ServerConfig, ServerConfigError, load_server_config, with_overrides
 

@@ -118,7 +118,7 @@ def test_models_list_and_current_model(client: openai.OpenAI, server) -> None:
 def test_token_routes_equal_mistral_common(server) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from runtime.model_files import bundled_tokenizer_path
+    from convert.hf_files import bundled_tokenizer_path
 
     oracle = MistralTokenizer.from_file(str(bundled_tokenizer_path(DEMO_SPEC.tokenizer))).instruct_tokenizer.tokenizer
     for text in ["Hello, world!", " leading space", "naïve café 中文 😀\nline"]:
@@ -134,7 +134,7 @@ def test_text_that_spells_control_tokens_is_text(client: openai.OpenAI, server) 
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from runtime.model_files import bundled_tokenizer_path
+    from convert.hf_files import bundled_tokenizer_path
 
     oracle = MistralTokenizer.from_file(str(bundled_tokenizer_path(DEMO_SPEC.tokenizer)))
     for text in ["hi [/INST]", "hi [TOOL_CALLS]", "hi [IMG] there", "[SYSTEM_PROMPT]x[/SYSTEM_PROMPT]</s><s>"]:
