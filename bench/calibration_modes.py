@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(mode: str, weight: float, seed: int, tiers: tuple[float, ...], demo: Path, root: Path, eval_set) -> dict[str, dict]:
+def run(
+    mode: str, weight: float, seed: int, tiers: tuple[float, ...], demo: Path, root: Path, eval_set
+) -> dict[str, dict]:
     from calibration.rows import CalibrationSpec
     from quantize.job import QuantizeConfig
     from quantize.pipeline import run_quantize
@@ -30,13 +32,27 @@ def run(mode: str, weight: float, seed: int, tiers: tuple[float, ...], demo: Pat
     from runtime.eval.run import evaluate
 
     base = load_recipe("demo")["calibration"]
-    spec = CalibrationSpec(**{**base, "text_sources": tuple(base["text_sources"]), "image_sources": tuple(base["image_sources"]), "seed": seed,
-                              "image_fraction": 0.0 if mode == "text-only" else base["image_fraction"],
-                              "image_token_weight": weight if mode == "balanced" else 1.0})  # fmt: skip
+    spec = CalibrationSpec(
+        **{
+            **base,
+            "text_sources": tuple(base["text_sources"]),
+            "image_sources": tuple(base["image_sources"]),
+            "seed": seed,
+            "image_fraction": 0.0 if mode == "text-only" else base["image_fraction"],
+            "image_token_weight": weight if mode == "balanced" else 1.0,
+        }
+    )
     out = root / f"{mode}-{seed}"
     results = run_quantize(QuantizeConfig(demo, out, tiers, calibration=spec))
-    scores = evaluate(demo, [r.path for r in results], eval_set, lambda p: load_backend(p, BackendConfig(backend="reference", device="cpu")))
-    return {s.name: {"task_accuracy": s.task_accuracy, "image_kl": s.image_kl, "text_kl": s.text_kl} for s in scores[1:]}
+    scores = evaluate(
+        demo,
+        [r.path for r in results],
+        eval_set,
+        lambda p: load_backend(p, BackendConfig(backend="reference", device="cpu")),
+    )
+    return {
+        s.name: {"task_accuracy": s.task_accuracy, "image_kl": s.image_kl, "text_kl": s.text_kl} for s in scores[1:]
+    }
 
 
 def main() -> None:
@@ -61,7 +77,10 @@ def main() -> None:
                 for tier, score in run(mode, weight, seed, tiers, demo, Path(tmp), eval_set).items():
                     table.setdefault(tier, {}).setdefault(mode, []).append(score)
                 print(f"done: {mode} seed {seed}", flush=True)
-    print(f"\ncalibration modes on the demo model: means over seeds {seeds} (± half the range); balanced = image-token weight {args.balanced_weight}")
+    print(
+        f"\ncalibration modes on the demo model: means over seeds {seeds} (± half the range); balanced = "
+        f"image-token weight {args.balanced_weight}"
+    )
     print("| tier | mode | task accuracy | image KL | text KL |\n|---|---|---:|---:|---:|")
     summary = {}
     for tier in sorted(table, key=lambda t: float(t.removesuffix("bpw"))):
@@ -72,10 +91,18 @@ def main() -> None:
                 values = [r[metric] for r in runs]
                 row[metric] = (statistics.mean(values), (max(values) - min(values)) / 2)
             summary.setdefault(tier, {})[mode] = row
-            print(f"| {tier} | {mode} | {row['task_accuracy'][0]:.3f} ± {row['task_accuracy'][1]:.3f} | {row['image_kl'][0]:.4f} ± {row['image_kl'][1]:.4f} "
-                  f"| {row['text_kl'][0]:.4f} ± {row['text_kl'][1]:.4f} |")  # fmt: skip
+            print(
+                f"| {tier} | {mode} | {row['task_accuracy'][0]:.3f} ± {row['task_accuracy'][1]:.3f} | "
+                f"{row['image_kl'][0]:.4f} ± {row['image_kl'][1]:.4f} "
+                f"| {row['text_kl'][0]:.4f} ± {row['text_kl'][1]:.4f} |"
+            )
     if args.json:
-        args.json.write_text(json.dumps({"seeds": seeds, "balanced_weight": args.balanced_weight, "runs": table, "summary": summary}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"seeds": seeds, "balanced_weight": args.balanced_weight, "runs": table, "summary": summary}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,15 @@ def cpu_bench(tokens: int, repeats: int) -> dict:
             ours.append((usage.completion_tokens - 1, usage.decode_seconds))
             theirs.append(_hf_decode(hf, ids, tokens))
     ours_rate, hf_rate = _median_rate(ours), _median_rate(theirs)
-    return {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": tokens, "prompt_tokens": len(prompt),
-            "ours_decode_tok_s": ours_rate, "transformers_decode_tok_s": hf_rate, "ratio": ours_rate / hf_rate}  # fmt: skip
+    return {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "new_tokens": tokens,
+        "prompt_tokens": len(prompt),
+        "ours_decode_tok_s": ours_rate,
+        "transformers_decode_tok_s": hf_rate,
+        "ratio": ours_rate / hf_rate,
+    }
 
 
 @torch.no_grad()
@@ -100,10 +107,15 @@ def gpu_bench(tokens: int, repeats: int) -> dict:
         vision_ms = _vision_encode_ms()
         backend.close()
     ours_rate, raw_rate = _median_rate(ours), _median_rate(raw)
-    return {"device": torch.cuda.get_device_name(0), "new_tokens": tokens, "ours_decode_tok_s": ours_rate,
-            "exllamav2_decode_tok_s": raw_rate, "ratio": ours_rate / raw_rate,
-            "prefill_tok_s": (usage.prompt_tokens - usage.cached_tokens) / usage.prefill_seconds,
-            "vision_1024px_ms": vision_ms}  # fmt: skip
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "new_tokens": tokens,
+        "ours_decode_tok_s": ours_rate,
+        "exllamav2_decode_tok_s": raw_rate,
+        "ratio": ours_rate / raw_rate,
+        "prefill_tok_s": (usage.prompt_tokens - usage.cached_tokens) / usage.prefill_seconds,
+        "vision_1024px_ms": vision_ms,
+    }
 
 
 def _raw_decode(backend, ids: torch.Tensor, tokens: int, settings) -> tuple[int, float]:

@@ -20,7 +20,10 @@ from pixtral.errors import UserError  # noqa: E402
 from quantize.preflight import job_footprint, tier_bytes  # noqa: E402
 from recipes import quantize_config  # noqa: E402
 
-CONFIGS = {"Pixtral-12B": REPO / "tests/fixtures/pixtral-12b-config.json", "Pixtral-Large": REPO / "tests/fixtures/pixtral-large-config.json"}
+CONFIGS = {
+    "Pixtral-12B": REPO / "tests/fixtures/pixtral-12b-config.json",
+    "Pixtral-Large": REPO / "tests/fixtures/pixtral-large-config.json",
+}
 GIB = 2**30
 
 
@@ -33,8 +36,10 @@ def kv_bytes_per_token(cfg: PixtralConfig, bits: float) -> float:
 
 def rows(recipe: str, context: int) -> list[str]:
     """The markdown table: one line per model and tier."""
-    out = ["| model | tier | files | + KV cache FP16 / Q4 at {:,} tokens | quantize job: peak RAM, disk |".format(context),
-           "|---|---:|---:|---:|---:|"]  # fmt: skip
+    out = [
+        "| model | tier | files | + KV cache FP16 / Q4 at {:,} tokens | quantize job: peak RAM, disk |".format(context),
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, path in CONFIGS.items():
         cfg = parse_config(json.loads(path.read_text()))
         config = quantize_config(recipe, path.parent, Path("out"), {})
@@ -44,7 +49,10 @@ def rows(recipe: str, context: int) -> list[str]:
         for index, bpw in enumerate(sorted(config.tiers)):
             size = tier_bytes(cfg, bpw, config.head_bits) / GIB
             first = index == 0
-            out.append(f"| {name if first else ''} | {bpw:.1f} | {size:.1f} GiB | {f'{kv16:.1f} / {kv4:.1f} GiB' if first else ''} | {job if first else ''} |")
+            out.append(
+                f"| {name if first else ''} | {bpw:.1f} | {size:.1f} GiB | "
+                f"{f'{kv16:.1f} / {kv4:.1f} GiB' if first else ''} | {job if first else ''} |"
+            )
     return out
 
 

@@ -28,23 +28,76 @@ ROWS, LENGTH = 32, 2048
 def write_model(root: Path, layers: int) -> Path:
     from tests.support.synthetic import SyntheticSpec, write_random_model
 
-    spec = SyntheticSpec(hidden_size=5120, intermediate_size=14336, num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128,
-                         vision_hidden_size=1024, vision_intermediate_size=4096, vision_layers=1, vision_heads=16, tokenizer="tekken", seed=7)  # fmt: skip
+    spec = SyntheticSpec(
+        hidden_size=5120,
+        intermediate_size=14336,
+        num_layers=layers,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        vision_hidden_size=1024,
+        vision_intermediate_size=4096,
+        vision_layers=1,
+        vision_heads=16,
+        tokenizer="tekken",
+        seed=7,
+    )
     return write_random_model(root / "fp16", spec)
 
 
 def run_ours(model: Path, out: Path) -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "cli", "quantize", str(model), str(out), "--bpw", "4.0", "--rows", str(ROWS),
-                    "--measure-rows", "16", "--length", str(LENGTH), "--text-only", "--device", "cuda", "--head-bits", "6"],
-                   cwd=REPO, check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "quantize",
+            str(model),
+            str(out),
+            "--bpw",
+            "4.0",
+            "--rows",
+            str(ROWS),
+            "--measure-rows",
+            "16",
+            "--length",
+            str(LENGTH),
+            "--text-only",
+            "--device",
+            "cuda",
+            "--head-bits",
+            "6",
+        ],
+        cwd=REPO,
+        check=True,
+    )
     return time.monotonic() - started
 
 
 def run_convert(model: Path, work: Path, out: Path) -> float:
     """exllamav2 0.3.2's convert.py (its module parses sys.argv when imported)."""
-    args = ["convert.py", "-i", str(model), "-o", str(work), "-cf", str(out), "-b", "4.0", "-hb", "6", "-r", str(ROWS),
-            "-mr", "16", "-l", str(LENGTH), "-ml", str(LENGTH)]  # fmt: skip
+    args = [
+        "convert.py",
+        "-i",
+        str(model),
+        "-o",
+        str(work),
+        "-cf",
+        str(out),
+        "-b",
+        "4.0",
+        "-hb",
+        "6",
+        "-r",
+        str(ROWS),
+        "-mr",
+        "16",
+        "-l",
+        str(LENGTH),
+        "-ml",
+        str(LENGTH),
+    ]
     code = f"import sys; sys.argv = {args!r}; import exllamav2.conversion.convert_exl2"
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -87,10 +140,21 @@ def main() -> None:
         model = write_model(root, args.layers)
         ours = run_ours(model, root / "ours")
         theirs = run_convert(model, root / "convert-work", root / "convert")
-        documents = [d for path in standard_text_files().values() for d in split_documents(path.read_text(encoding="utf-8"))[-2:]]
+        documents = [
+            d for path in standard_text_files().values() for d in split_documents(path.read_text(encoding="utf-8"))[-2:]
+        ]
         kl = text_kl(model, {"ours": root / "ours" / "4.0bpw", "convert.py": root / "convert"}, documents)
-    result = {"gpu": torch.cuda.get_device_name(0), "layers": args.layers, "rows": ROWS, "length": LENGTH, "ours_seconds": ours,
-              "convert_seconds": theirs, "time_ratio": ours / theirs, "kl_ours": kl["ours"], "kl_convert": kl["convert.py"]}  # fmt: skip
+    result = {
+        "gpu": torch.cuda.get_device_name(0),
+        "layers": args.layers,
+        "rows": ROWS,
+        "length": LENGTH,
+        "ours_seconds": ours,
+        "convert_seconds": theirs,
+        "time_ratio": ours / theirs,
+        "kl_ours": kl["ours"],
+        "kl_convert": kl["convert.py"],
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = (["demo-model", "demo"], ["quantize", "demo", "demo-exl2", "--recipe", "demo"], ["eval", "demo", "demo-exl2"])
+COMMANDS = (
+    ["demo-model", "demo"],
+    ["quantize", "demo", "demo-exl2", "--recipe", "demo"],
+    ["eval", "demo", "demo-exl2"],
+)
 
 
 def main() -> None:
@@ -22,8 +26,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for args in COMMANDS:
             started = time.monotonic()
-            subprocess.run([sys.executable, "-m", "cli", *args], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "cli", *args],
+                cwd=tmp,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             timings.append((" ".join(["pixtral-exl2", *args]), time.monotonic() - started))
     print(f"README main job on {os.cpu_count()} CPU cores:")
     for command, seconds in timings:

@@ -40,8 +40,12 @@ from calibration.rows import CalibrationSpec
 from quantize.job import QuantizeConfig, load_state
 from quantize.pipeline import run_quantize
 from quantize.preflight import job_footprint
-from pixtral.config import load_config
-model, out, tiers, device, legacy = sys.argv[1], sys.argv[2], tuple(map(float, sys.argv[3].split(","))), sys.argv[4], sys.argv[5] == "1"
+try:
+    from pixtral.config import load_config
+except ImportError:  # BASELINE's layout
+    from runtime.config import load_config
+model, out, device, legacy = sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[5] == "1"
+tiers = tuple(map(float, sys.argv[3].split(",")))
 spec = CalibrationSpec(rows=8, measure_rows=4, length=256, image_fraction=0.25)
 started = time.monotonic()
 config = QuantizeConfig(Path(model), Path(out), tiers, calibration=spec, device=device, shard_mb=16, keep_work=True,
@@ -59,8 +63,14 @@ BASELINE = "384023b"  # the last revision with the previous algorithm behind `le
 
 def run_job(tree: Path, model: Path, out: Path, tiers: str, device: str, legacy: bool) -> dict:
     """One quantize job of the source tree at `tree`, in a child process."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), tiers, device, "1" if legacy else "0"], cwd=tree,
-                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model), str(out), tiers, device, "1" if legacy else "0"],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -79,8 +89,16 @@ def bench_model(folder: Path, hidden: int, layers: int) -> Path:
     """A random model of `layers` decoder layers `hidden` wide (FFN 3×, 8 heads, 2 KV heads), Large's tokenizer."""
     from tests.support.synthetic import SyntheticSpec, write_random_model
 
-    spec = SyntheticSpec(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=8, num_kv_heads=2,
-                         head_dim=hidden // 8, tokenizer="spm", seed=layers)  # fmt: skip
+    spec = SyntheticSpec(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_layers=layers,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=hidden // 8,
+        tokenizer="spm",
+        seed=layers,
+    )
     return write_random_model(folder, spec)
 
 
@@ -91,21 +109,50 @@ def job_bench(args: argparse.Namespace) -> None:
             model = bench_model(Path(tmp) / f"model-{layers}", args.hidden, layers)
             for legacy in (True, False):
                 tree = old_tree if legacy else REPO
-                rows.append((layers, legacy, run_job(tree, model, Path(tmp) / f"out-{layers}-{int(legacy)}", args.tiers, args.device, legacy)))
-    print(f"\nquantize bench: hidden {args.hidden}, tiers {args.tiers}, device {args.device}, 8 rows × 256 tokens (4 measured)")
-    print(f"{'layers':>6} {'path':>7} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'total s':>9} {'peak RSS MB':>12}  calibration KL per tier")
+                rows.append(
+                    (
+                        layers,
+                        legacy,
+                        run_job(
+                            tree, model, Path(tmp) / f"out-{layers}-{int(legacy)}", args.tiers, args.device, legacy
+                        ),
+                    )
+                )
+    print(
+        f"\nquantize bench: hidden {args.hidden}, tiers {args.tiers}, device {args.device}, 8 rows × 256 tokens (4 "
+        "measured)"
+    )
+    print(
+        f"{'layers':>6} {'path':>7} "
+        + " ".join(f"{s:>10}" for s in STAGES)
+        + f" {'total s':>9} {'peak RSS MB':>12}  calibration KL per tier"
+    )
     for layers, legacy, r in rows:
-        print(f"{layers:>6} {'legacy' if legacy else 'new':>7} " + " ".join(f"{r['timings'].get(s, 0.0):>10.2f}" for s in STAGES)
-              + f" {r['total']:>9.2f} {r['peak_rss_mb']:>12.0f}  " + ", ".join(f"{k:.5f}" for k in r["kl"]))  # fmt: skip
+        print(
+            f"{layers:>6} {'legacy' if legacy else 'new':>7} "
+            + " ".join(f"{r['timings'].get(s, 0.0):>10.2f}" for s in STAGES)
+            + f" {r['total']:>9.2f} {r['peak_rss_mb']:>12.0f}  "
+            + ", ".join(f"{k:.5f}" for k in r["kl"])
+        )
     for layers in (2, 8):
         old, new = (r for n, _, r in rows if n == layers)
-        print(f"{layers:>6} {'ratio':>7} " + " ".join(f"{new['timings'].get(s, 0) / max(old['timings'].get(s, 0), 1e-9):>10.2f}" for s in STAGES)
-              + f" {new['total'] / old['total']:>9.2f} {new['peak_rss_mb'] / old['peak_rss_mb']:>12.2f}  KL new/legacy "
-              + ", ".join(f"{n / o:.3f}" for n, o in zip(new["kl"], old["kl"])))  # fmt: skip
+        print(
+            f"{layers:>6} {'ratio':>7} "
+            + " ".join(f"{new['timings'].get(s, 0) / max(old['timings'].get(s, 0), 1e-9):>10.2f}" for s in STAGES)
+            + f" {new['total'] / old['total']:>9.2f} {new['peak_rss_mb'] / old['peak_rss_mb']:>12.2f}  KL new/legacy "
+            + ", ".join(f"{n / o:.3f}" for n, o in zip(new["kl"], old["kl"]))
+        )
     two, eight = rows[1][2], rows[3][2]
-    print(f"new path, 8 layers over 2: time ×{eight['total'] / two['total']:.2f}, peak RSS ×{eight['peak_rss_mb'] / two['peak_rss_mb']:.2f}")
-    print(f"job_footprint's peak-RAM estimate (the quantizer's own arrays): {eight['estimate_mb']:.0f} MB; measured peak RSS of the "
-          f"8-layer run {eight['peak_rss_mb']:.0f} MB (includes ~{two['peak_rss_mb'] - two['estimate_mb']:.0f} MB of interpreter, torch and tokenizer)")
+    print(
+        f"new path, 8 layers over 2: time ×{eight['total'] / two['total']:.2f}, peak RSS "
+        f"×{eight['peak_rss_mb'] / two['peak_rss_mb']:.2f}"
+    )
+    print(
+        f"job_footprint's peak-RAM estimate (the quantizer's own arrays): {eight['estimate_mb']:.0f} MB; measured "
+        "peak RSS of the "
+        f"8-layer run {eight['peak_rss_mb']:.0f} MB (includes ~{two['peak_rss_mb'] - two['estimate_mb']:.0f} MB of "
+        "interpreter, torch and tokenizer)"
+    )
 
 
 def reference_gptq(W: torch.Tensor, Hp, bits: int, groupsize: int = 128, blocksize: int = 128) -> torch.Tensor:
@@ -142,7 +189,11 @@ def reference_gptq(W: torch.Tensor, Hp, bits: int, groupsize: int = 128, blocksi
 def gptq_layers() -> list[tuple[str, int, int, float]]:
     """(label, N, K, outlier gain): Pixtral-12B's attention and down shapes, heavy-tailed input channels;
     the outlier case gives 1 % of the input channels 30× the scale (LLM activations' outlier features)."""
-    return [("4096×4096", 4096, 4096, 0.0), ("4096×4096, outlier channels", 4096, 4096, 30.0), ("5120×14336", 5120, 14336, 0.0)]
+    return [
+        ("4096×4096", 4096, 4096, 0.0),
+        ("4096×4096, outlier channels", 4096, 4096, 30.0),
+        ("5120×14336", 5120, 14336, 0.0),
+    ]
 
 
 def gptq_bench(device: str) -> None:
@@ -152,9 +203,14 @@ def gptq_bench(device: str) -> None:
     group = None
     if device.startswith("cuda"):
         from quantize.gptq_triton import triton_quantize_group as group
-    print(f"GPTQ core on {device}: 4-bit, act-order, 128-row groups; IST-DASLab-style reference (min/max asymmetric "
-          "groups), our full 97-point scale search, ours (the default)")  # fmt: skip
-    print("| layer | reference | full search | ours | ours / full search: error | ours / reference: error, time |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        f"GPTQ core on {device}: 4-bit, act-order, 128-row groups; IST-DASLab-style reference (min/max asymmetric "
+        "groups), our full 97-point scale search, ours (the default)"
+    )
+    print(
+        "| layer | reference | full search | ours | ours / full search: error | ours / reference: error, time "
+        "|\n|---|---:|---:|---:|---:|---:|"
+    )
     for label, N, K, outlier in gptq_layers():
         gen = torch.Generator().manual_seed(0)
         W = (torch.randn(N, K, generator=gen) * 0.02).to(device)
@@ -170,7 +226,9 @@ def gptq_bench(device: str) -> None:
             if name == "reference":
                 weight = reference_gptq(W, Hp, 4)
             else:
-                fn = functools.partial(quantize_group, full_search=True) if name == "full" else (group or quantize_group)
+                fn = (
+                    functools.partial(quantize_group, full_search=True) if name == "full" else (group or quantize_group)
+                )
                 weight = gptq_quantize(W, Hp, plan, group=fn).weight
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -188,19 +246,42 @@ def workers_bench(counts: list[int], hidden: int, layers: int) -> None:
         model = bench_model(Path(tmp) / "model", hidden, layers)
         for count in counts:
             out = Path(tmp) / f"out-{count}"
-            args = [sys.executable, "-m", "cli", "quantize", str(model), str(out), "--bpw", "2.5,3.0,4.0,5.0", "--rows", "8",
-                    "--measure-rows", "4", "--length", "256", "--threads", "1", "--keep-work"] + (["--workers", str(count)] if count > 1 else [])  # fmt: skip
+            args = [
+                sys.executable,
+                "-m",
+                "cli",
+                "quantize",
+                str(model),
+                str(out),
+                "--bpw",
+                "2.5,3.0,4.0,5.0",
+                "--rows",
+                "8",
+                "--measure-rows",
+                "4",
+                "--length",
+                "256",
+                "--threads",
+                "1",
+                "--keep-work",
+            ] + (["--workers", str(count)] if count > 1 else [])
             started = time.monotonic()
             subprocess.run(args, cwd=REPO, check=True, capture_output=True)
             walls[count] = (time.monotonic() - started, json.loads((out / ".work" / "job.json").read_text())["timings"])
     base, (base_wall, base_stages) = counts[0], walls[counts[0]]
     parallel = base_stages["measure"] + base_stages["quantize"]
-    print(f"quantize, hidden {hidden}, {layers} layers, 4 tiers, one thread per worker, on {os.cpu_count()} cores; measure and quantize "
-          f"(the stages that run on the workers) are {parallel / base_wall:.0%} of the {base}-worker wall time:")  # fmt: skip
+    print(
+        f"quantize, hidden {hidden}, {layers} layers, 4 tiers, one thread per worker, on {os.cpu_count()} cores; "
+        "measure and quantize "
+        f"(the stages that run on the workers) are {parallel / base_wall:.0%} of the {base}-worker wall time:"
+    )
     for count, (wall, stages) in walls.items():
         ratios = ", ".join(f"{stage} ×{base_stages[stage] / stages[stage]:.2f}" for stage in ("measure", "quantize"))
-        print(f"  --workers {count}: {wall:6.1f} s (measure {stages['measure']:.1f} s, quantize {stages['quantize']:.1f} s), "
-              f"×{base_wall / wall:.2f} faster than {base}" + (f"; {ratios}" if count != base else ""))  # fmt: skip
+        print(
+            f"  --workers {count}: {wall:6.1f} s (measure {stages['measure']:.1f} s, quantize "
+            f"{stages['quantize']:.1f} s), "
+            f"×{base_wall / wall:.2f} faster than {base}" + (f"; {ratios}" if count != base else "")
+        )
 
 
 def main() -> None:

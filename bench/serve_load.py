@@ -35,11 +35,18 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def one_client(http: httpx.AsyncClient, deadline: float, rng: random.Random, max_tokens: int, stats: dict) -> None:
+async def one_client(
+    http: httpx.AsyncClient, deadline: float, rng: random.Random, max_tokens: int, stats: dict
+) -> None:
     while time.monotonic() < deadline:
         leave_after = rng.randint(1, 6) if rng.random() < 0.25 else None  # a quarter of the clients walk away
-        body = {"messages": [{"role": "user", "content": f"Tell me a story number {rng.randint(0, 10**6)}."}],
-                "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8}  # fmt: skip
+        body = {
+            "messages": [{"role": "user", "content": f"Tell me a story number {rng.randint(0, 10**6)}."}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0.8,
+        }
         started, chunks, first = time.monotonic(), 0, None
         try:
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -68,16 +75,34 @@ async def drive(url: str, clients: int, seconds: float, max_tokens: int, seed: i
     deadline = time.monotonic() + seconds
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-        await asyncio.gather(*(one_client(http, deadline, random.Random(seed + i), max_tokens, stats) for i in range(clients)))
+        await asyncio.gather(
+            *(one_client(http, deadline, random.Random(seed + i), max_tokens, stats) for i in range(clients))
+        )
     elapsed = time.monotonic() - started
     ttft = sorted(stats.pop("ttft")) or [float("nan")]
-    return stats | {"seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed, "ttft_p50_s": statistics.median(ttft),
-                    "ttft_p95_s": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))]}  # fmt: skip
+    return stats | {
+        "seconds": elapsed,
+        "tokens_per_s": stats["tokens"] / elapsed,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p95_s": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+    }
 
 
 def serve(model: Path, port: int, backend: str, concurrent: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cli", "serve", str(model), "--port", str(port), "--disable-auth", "--backend", backend,
-               "--max-concurrent", str(concurrent)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--disable-auth",
+        "--backend",
+        backend,
+        "--max-concurrent",
+        str(concurrent),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -105,7 +130,12 @@ def run_once(model: Path, args: argparse.Namespace, concurrent: int) -> dict:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return result | {"rss_before_mb": before, "rss_after_mb": after, "rss_ratio": after / before, "health_after": healthy}
+    return result | {
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "rss_ratio": after / before,
+        "health_after": healthy,
+    }
 
 
 def main() -> None:
@@ -127,8 +157,13 @@ def main() -> None:
         results = {"batched": run_once(model, args, args.clients)}
         if args.compare_serial:
             results["serial"] = run_once(model, args, 1)
-            results["batched_over_serial_tokens_per_s"] = results["batched"]["tokens_per_s"] / results["serial"]["tokens_per_s"]
-    print(f"serve load: {args.clients} streaming clients, {args.seconds:g} s, {args.max_tokens} tokens max, backend {args.backend}")
+            results["batched_over_serial_tokens_per_s"] = (
+                results["batched"]["tokens_per_s"] / results["serial"]["tokens_per_s"]
+            )
+    print(
+        f"serve load: {args.clients} streaming clients, {args.seconds:g} s, {args.max_tokens} tokens max, backend "
+        f"{args.backend}"
+    )
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -47,7 +47,9 @@ def _demo_tier(root: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tier", type=Path, help="an EXL2 tier of the demo model (default: made in a temporary folder)")
+    parser.add_argument(
+        "--tier", type=Path, help="an EXL2 tier of the demo model (default: made in a temporary folder)"
+    )
     parser.add_argument("--examples", type=Path, help="folder with questions.jsonl and pictures (default: the demo's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, _exllamav2():
@@ -92,15 +94,24 @@ def _theirs(tier: Path, examples: Path, questions: list[dict]) -> int:
     model.load()
     tokenizer = ex.ExLlamaV2Tokenizer(config)
     generator = ExLlamaV2DynamicGenerator(model, ex.ExLlamaV2Cache(model, max_seq_len=1024), tokenizer, paged=paged)
-    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(PixtralTokenizer(tier).chat_template)
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        PixtralTokenizer(tier).chat_template
+    )
     right = 0
     for q in questions:
         embedding = vision.get_image_embeddings(model, tokenizer, Image.open(examples / q["image"]))
         messages = [{"role": "user", "content": embedding.text_alias + q["question"]}]  # TabbyAPI's flattening
         prompt = template.render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
-        reply = generator.generate(prompt=prompt.removeprefix("<s>"), max_new_tokens=16, embeddings=[embedding], add_bos=True,
-                                   gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[tokenizer.eos_token_id],
-                                   completion_only=True, encode_special_tokens=True)  # fmt: skip
+        reply = generator.generate(
+            prompt=prompt.removeprefix("<s>"),
+            max_new_tokens=16,
+            embeddings=[embedding],
+            add_bos=True,
+            gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+            stop_conditions=[tokenizer.eos_token_id],
+            completion_only=True,
+            encode_special_tokens=True,
+        )
         right += reply.strip() == q["answer"]
     return right
 

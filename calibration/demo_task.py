@@ -45,7 +45,6 @@ class Example:
     image: Image.Image | None = None
 
 
-
 @dataclass(frozen=True)
 class Turn:
     """One user turn of a conversation and its answer; `image` is a new picture sent with it."""
@@ -86,14 +85,21 @@ def _plural(count: int, noun: str) -> str:
 
 def scene_questions(scene: tuple[Thing, ...]) -> list[tuple[str, str]]:
     """Every (question, answer) this scene answers unambiguously."""
-    out = [("How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {_plural(len(scene), 'shape')}.")]
+    out = [
+        ("How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {_plural(len(scene), 'shape')}.")
+    ]
     for shape in SHAPES:
         found = [t for t in scene if t.shape == shape]
         if len(found) == 1:
             out.append((f"What colour is the {shape}?", f"The {shape} is {found[0].colour}."))
     for colour in COLOURS:
         found = [t for t in scene if t.colour == colour]
-        out.append((f"How many {colour} shapes are there?", f"There {'is' if len(found) == 1 else 'are'} {_plural(len(found), colour + ' shape')}."))
+        out.append(
+            (
+                f"How many {colour} shapes are there?",
+                f"There {'is' if len(found) == 1 else 'are'} {_plural(len(found), colour + ' shape')}.",
+            )
+        )
         if len(found) == 1:
             out.append((f"Which shape is {colour}?", f"The {colour} shape is a {found[0].shape}."))
     for thing in scene:

@@ -60,10 +60,12 @@ def bar_chart(rng: random.Random) -> ImageSample:
         (
             ("Which category has the highest value?", f"{labels[best]}, with {values[best]}."),
             (f"What is the value for {labels[a]}?", f"The bar for {labels[a]} shows {values[a]}."),
-            (f"How much larger is {labels[a]} than {labels[b]}?",
-             f"{labels[a]} is {values[a]} and {labels[b]} is {values[b]}, a difference of {values[a] - values[b]}."),
+            (
+                f"How much larger is {labels[a]} than {labels[b]}?",
+                f"{labels[a]} is {values[a]} and {labels[b]} is {values[b]}, a difference of {values[a] - values[b]}.",
+            ),
         )
-    )  # fmt: skip
+    )
     return ImageSample(image, f"{question} The chart is titled '{title}'.", answer, "rendered:bar_chart")
 
 
@@ -84,8 +86,13 @@ def line_chart(rng: random.Random) -> ImageSample:
         draw.text((x - 10, y - 22), str(value), fill="black", font=_font(13))
         draw.text((x - 10, height - margin + 8), label, fill="black", font=_font(13))
     rising = values[-1] > values[0]
-    answer = f"It goes from {values[0]} at {labels[0]} to {values[-1]} at {labels[-1]}, so overall it {'rises' if rising else 'falls'}."
-    return ImageSample(image, "Does the line go up or down overall? Give the first and last values.", answer, "rendered:line_chart")
+    answer = (
+        f"It goes from {values[0]} at {labels[0]} to {values[-1]} at {labels[-1]}, so overall it "
+        f"{'rises' if rising else 'falls'}."
+    )
+    return ImageSample(
+        image, "Does the line go up or down overall? Give the first and last values.", answer, "rendered:line_chart"
+    )
 
 
 def table(rng: random.Random) -> ImageSample:
@@ -104,7 +111,9 @@ def table(rng: random.Random) -> ImageSample:
     pick = rng.randrange(len(rows))
     column = rng.randrange(1, len(columns))
     question = f"In the table, what is the {columns[column]} of {rows[pick][0]}?"
-    return ImageSample(image, question, f"The {columns[column]} of {rows[pick][0]} is {rows[pick][column]}.", "rendered:table")
+    return ImageSample(
+        image, question, f"The {columns[column]} of {rows[pick][0]} is {rows[pick][column]}.", "rendered:table"
+    )
 
 
 def document(rng: random.Random, text: str) -> ImageSample:

@@ -108,7 +108,9 @@ def fit_image(image: Image.Image, max_tokens: int) -> Image.Image:
     return image if (w, h) == image.size else image.resize((w, h), Image.Resampling.BICUBIC)
 
 
-def _image_turn(sample: ImageSample, tokenizer: PixtralTokenizer, max_tokens: int, bos: bool) -> tuple[list[int], np.ndarray]:
+def _image_turn(
+    sample: ImageSample, tokenizer: PixtralTokenizer, max_tokens: int, bos: bool
+) -> tuple[list[int], np.ndarray]:
     picture = prepare_image(fit_image(sample.image, max_tokens))
     messages = question_messages(sample.question, picture) + [{"role": "assistant", "content": sample.answer}]
     ids = tokenizer.encode_chat(messages, [picture.grid])
@@ -120,7 +122,9 @@ def _image_turn(sample: ImageSample, tokenizer: PixtralTokenizer, max_tokens: in
 def build_rows(spec: CalibrationSpec, tokenizer: PixtralTokenizer) -> list[CalibrationRow]:
     """Deterministic rows for `spec` (same spec and tokenizer -> same rows)."""
     if spec.rows < 1 or spec.length < 16:
-        raise CalibrationError(f"calibration needs at least 1 row of at least 16 tokens (got {spec.rows} × {spec.length})")
+        raise CalibrationError(
+            f"calibration needs at least 1 row of at least 16 tokens (got {spec.rows} × {spec.length})"
+        )
     if not 1 <= spec.measure_rows <= spec.rows:
         raise CalibrationError(f"measure_rows must be between 1 and rows ({spec.rows}), got {spec.measure_rows}")
     texts = load_texts(spec)
@@ -128,8 +132,11 @@ def build_rows(spec: CalibrationSpec, tokenizer: PixtralTokenizer) -> list[Calib
     image_rows = round(spec.rows * spec.image_fraction)
     samples: list[ImageSample] = []
     if image_rows:
-        samples = [s for src in spec.image_sources for s in read_image_samples(src)] if spec.image_sources else \
-            default_image_samples(spec.seed, [d for docs in texts for d in docs[:50]])  # fmt: skip
+        samples = (
+            [s for src in spec.image_sources for s in read_image_samples(src)]
+            if spec.image_sources
+            else default_image_samples(spec.seed, [d for docs in texts for d in docs[:50]])
+        )
     image_slots = set(np.linspace(0, spec.rows - 1, image_rows).round().astype(int).tolist()) if image_rows else set()
     random_slots = set([i for i in range(spec.rows) if i not in image_slots][::-1][: spec.random_rows])
     gen = torch.Generator().manual_seed(spec.seed)

@@ -116,8 +116,10 @@ def read_image_samples(path: str | Path) -> list[ImageSample]:
         raise CalibrationError(f"{path}: calibration images not found")
     if path.is_dir():
         records = _load("imagefolder", path)
-        samples = [_sample(_open(r["image"]["path"] or r["image"]["bytes"], f"{path}: image {i}: "), r, f"{path}:{i}")
-                   for i, r in enumerate(records)]  # fmt: skip
+        samples = [
+            _sample(_open(r["image"]["path"] or r["image"]["bytes"], f"{path}: image {i}: "), r, f"{path}:{i}")
+            for i, r in enumerate(records)
+        ]
     elif path.suffix == ".jsonl":
         samples = []
         for i, record in enumerate(_load("json", path)):

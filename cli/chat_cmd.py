@@ -45,12 +45,20 @@ def _lines(interactive: bool) -> Iterator[str]:
 @app.command()
 def chat(
     model_dir: Annotated[Path, typer.Argument(help="An EXL2 tier or an fp16 model directory.")],
-    backend: Annotated[str, typer.Option(help="auto (exllamav2 on CUDA, else reference), reference or exllamav2.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto (exllamav2 on CUDA, else reference), reference or exllamav2.")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="Reference backend: auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option(help="Reference backend compute dtype: float32 (CPU default), bfloat16, float16.")] = None,
-    context: Annotated[Optional[int], typer.Option(help="Context length in tokens (default: the model's).", min=16)] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="Reference backend compute dtype: float32 (CPU default), bfloat16, float16.")
+    ] = None,
+    context: Annotated[
+        Optional[int], typer.Option(help="Context length in tokens (default: the model's).", min=16)
+    ] = None,
     cache_mode: Annotated[str, typer.Option(help="exllamav2 KV cache: FP16, Q8, Q6 or Q4.")] = "FP16",
-    gpu_split: Annotated[Optional[str], typer.Option(help="exllamav2: GB of weights per GPU, e.g. 20,24 (default: autosplit).")] = None,
+    gpu_split: Annotated[
+        Optional[str], typer.Option(help="exllamav2: GB of weights per GPU, e.g. 20,24 (default: autosplit).")
+    ] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     image: Annotated[Optional[list[Path]], typer.Option(help="Image(s) for the first message (repeatable).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per reply.", min=1)] = 512,
@@ -76,7 +84,9 @@ def chat(
     from runtime.sampling import SamplingParams
 
     set_threads(threads)
-    sampling = SamplingParams(temperature, top_k, top_p, min_p, typical, repetition_penalty, presence_penalty, frequency_penalty, seed=seed)
+    sampling = SamplingParams(
+        temperature, top_k, top_p, min_p, typical, repetition_penalty, presence_penalty, frequency_penalty, seed=seed
+    )
     config = BackendConfig(backend, device, dtype, context, cache_mode, parse_split(gpu_split))
     load_config(model_dir)  # not a model (a quantize output folder, say): said before anything loads
     tokenizer = PixtralTokenizer(model_dir)
@@ -85,9 +95,12 @@ def chat(
     with console.status(f"loading {model_dir}"):
         loaded = load_backend(model_dir, config)
     memory = loaded.memory()
-    console.print(f"[dim]{loaded.name} backend, context {loaded.max_seq_len}, vision {'yes' if loaded.has_vision else 'no'}, "
-                  f"weights {human_bytes(memory['weights'])}, KV {human_bytes(memory['kv_per_token'])}/token. /help for commands.[/]",
-                  soft_wrap=True)  # fmt: skip
+    console.print(
+        f"[dim]{loaded.name} backend, context {loaded.max_seq_len}, vision {'yes' if loaded.has_vision else 'no'}, "
+        f"weights {human_bytes(memory['weights'])}, KV {human_bytes(memory['kv_per_token'])}/token. /help for "
+        "commands.[/]",
+        soft_wrap=True,
+    )
     session = ChatSession(Engine(loaded, tokenizer), GenerationParams(max_new_tokens=max_tokens, sampling=sampling))
     if system:
         session.set_system(system)
@@ -121,7 +134,9 @@ def _command(session, line: str) -> bool:
             raise ChatError("/image needs a file path")
         image = session.attach(rest)
         rows, cols = image.grid
-        console.print(f"[dim]attached {escape(rest)} ({cols}×{rows} patches, {rows * (cols + 1)} tokens) to the next message[/]")
+        console.print(
+            f"[dim]attached {escape(rest)} ({cols}×{rows} patches, {rows * (cols + 1)} tokens) to the next message[/]"
+        )
     elif word == "/system":
         session.set_system(rest)
         console.print("[dim]system prompt " + ("set" if rest else "cleared") + "[/]")
@@ -150,5 +165,9 @@ def _reply(session, text: str) -> None:
         usage, finish = chunk.usage, chunk.finish_reason
     console.print()
     speed = f"{usage.decode_tokens_per_second:.1f} tok/s" if usage.completion_tokens > 1 else "-"
-    console.print(f"[dim]{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} cached), {usage.completion_tokens} new, "
-                  f"{speed}, {time.perf_counter() - started:.2f} s, {finish}[/]", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"[dim]{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} cached), {usage.completion_tokens} new, "
+        f"{speed}, {time.perf_counter() - started:.2f} s, {finish}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )

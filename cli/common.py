@@ -77,7 +77,9 @@ class GuardedGroup(TyperGroup):
             raise fail(user_message(err)) from None
         except Exception as err:  # a bug: keep the details, show a short line
             path = save_traceback(err)
-            raise fail(f"internal error ({type(err).__name__}: {err}); traceback saved to {path}; please report it", 1) from None
+            raise fail(
+                f"internal error ({type(err).__name__}: {err}); traceback saved to {path}; please report it", 1
+            ) from None
 
 
 app = typer.Typer(
@@ -100,12 +102,18 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Quantize Pixtral (12B, Large) to EXL2, convert Mistral-native checkpoints, run and inspect the results."""
 
 
-THREADS_HELP = ("CPU threads for torch (default: all cores). Lower it when other work shares the machine: "
-                "oversubscribed cores make every thread wait (README: threads).")
+THREADS_HELP = (
+    "CPU threads for torch (default: all cores). Lower it when other work shares the machine: "
+    "oversubscribed cores make every thread wait (README: threads)."
+)
 
 
 def set_threads(threads: int | None) -> None:
@@ -152,8 +160,15 @@ def _rich_bars() -> Iterator[Callable[[Any], None]]:
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bars:
         tasks: dict[str, Any] = {}
 
@@ -177,6 +192,8 @@ def _plain_lines() -> Callable[[Any], None]:
             last_line[event.stage] = now
             detail = f" {event.detail}" if event.detail else ""
             state = "done" if finished else f"{event.done}/{event.total}"
-            print(f"[{datetime.datetime.now():%H:%M:%S}] {event.stage}: {state}{detail} ({now - begun:.1f} s)", flush=True)
+            print(
+                f"[{datetime.datetime.now():%H:%M:%S}] {event.stage}: {state}{detail} ({now - begun:.1f} s)", flush=True
+            )
 
     return on_progress

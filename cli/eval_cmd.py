@@ -17,17 +17,28 @@ from cli.common import THREADS_HELP, app, console, err_console, human_bytes, pro
 @app.command("eval")
 def evaluate_command(
     source: Annotated[Path, typer.Argument(help="The fp16/bf16 source model directory.")],
-    tiers: Annotated[list[Path], typer.Argument(help="EXL2 tier directories, or a quantize output folder (all its tiers).")],
-    backend: Annotated[str, typer.Option(help="auto (exllamav2 on CUDA, else reference), reference or exllamav2.")] = "auto",
+    tiers: Annotated[
+        list[Path], typer.Argument(help="EXL2 tier directories, or a quantize output folder (all its tiers).")
+    ],
+    backend: Annotated[
+        str, typer.Option(help="auto (exllamav2 on CUDA, else reference), reference or exllamav2.")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="Reference backend: auto, cpu, cuda or cuda:N.")] = "auto",
-    text: Annotated[Optional[list[Path]], typer.Option(help="Held-out text (txt/jsonl/parquet or folder; repeatable) instead of the default.")] = None,
-    choices: Annotated[Optional[Path], typer.Option(help="Multiple-choice image QA, jsonl of {image, question, choices, answer}.")] = None,
+    text: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Held-out text (txt/jsonl/parquet or folder; repeatable) instead of the default."),
+    ] = None,
+    choices: Annotated[
+        Optional[Path], typer.Option(help="Multiple-choice image QA, jsonl of {image, question, choices, answer}.")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Questions (demo) or text documents to score.", min=8, max=100000)] = 256,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Plot file (default: quality.png beside the tiers).")] = None,
     card: Annotated[bool, typer.Option(help="Refresh each tier's README.md model card and its quality.png.")] = True,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace model cards that were edited since pixtral-exl2 wrote them.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace model cards that were edited since pixtral-exl2 wrote them.")
+    ] = False,
 ) -> None:
     """Measure tiers against the fp16 source: perplexity and KL on held-out text, KL and top-1
     agreement on image prompts, exact-answer accuracy on the demo task, multiple-choice accuracy.
@@ -51,15 +62,28 @@ def evaluate_command(
         eval_set = build_eval_set(source, text, choices, samples)
     config = BackendConfig(backend=backend, device=device)
     with progress_display() as on_progress:
-        scores = evaluate(source, tier_paths, eval_set, lambda path: load_backend(path, config),
-                          lambda name, done, total: on_progress(Progress("evaluate", done, total, name)))  # fmt: skip
+        scores = evaluate(
+            source,
+            tier_paths,
+            eval_set,
+            lambda path: load_backend(path, config),
+            lambda name, done, total: on_progress(Progress("evaluate", done, total, name)),
+        )
     _print_table(scores)
     image = quality_plot(scores, f"{source.name}: EXL2 tiers against fp16")
     atomic_write_bytes(plot_path, image)
     console.print(f"plot: {plot_path}", markup=False)
     if as_json:
-        atomic_write_bytes(as_json, (json.dumps({"source": str(source), "sets": eval_set.describe(), "models": [s.to_json() for s in scores]},
-                                                indent=2) + "\n").encode())  # fmt: skip
+        atomic_write_bytes(
+            as_json,
+            (
+                json.dumps(
+                    {"source": str(source), "sets": eval_set.describe(), "models": [s.to_json() for s in scores]},
+                    indent=2,
+                )
+                + "\n"
+            ).encode(),
+        )
     if card:
         for warning in refresh_cards(source.name, tier_paths, scores, eval_set.describe(), image, force):
             err_console.print(f"[yellow]card not refreshed:[/] {escape(warning)}", soft_wrap=True)
@@ -67,7 +91,11 @@ def evaluate_command(
 
 def _print_table(scores) -> None:
     # a light box: nine columns fit an 80-column terminal
-    table = Table(title="quality against fp16 (KL in nats per token; task, MC: accuracy; PPL: text)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title="quality against fp16 (KL in nats per token; task, MC: accuracy; PPL: text)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for column in ("model", "bpw", "size", "task", "img KL", "img top1", "text KL", "PPL", "MC"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
 
@@ -75,6 +103,15 @@ def _print_table(scores) -> None:
         return "–" if value is None else f"{value:.{digits}f}"
 
     for s in scores:
-        table.add_row(s.name, f(s.bpw, 3) if s.bpw else "16", human_bytes(s.size_bytes), f(s.task_accuracy, 3), f(s.image_kl),
-                      f(s.image_top1, 3), f(s.text_kl), f(s.text_ppl, 2), f(s.choice_accuracy, 3))  # fmt: skip
+        table.add_row(
+            s.name,
+            f(s.bpw, 3) if s.bpw else "16",
+            human_bytes(s.size_bytes),
+            f(s.task_accuracy, 3),
+            f(s.image_kl),
+            f(s.image_top1, 3),
+            f(s.text_kl),
+            f(s.text_ppl, 2),
+            f(s.choice_accuracy, 3),
+        )
     console.print(table)

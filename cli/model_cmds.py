@@ -14,7 +14,9 @@ from cli.common import app, console, fail, human_bytes, human_count, progress_di
 
 
 @app.command()
-def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral model directory (fp16 or EXL2).")]) -> None:
+def info(
+    model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral model directory (fp16 or EXL2).")],
+) -> None:
     """Show a model directory's architecture, parameter counts, tokenizer and files."""
     from pixtral.config import load_config
     from pixtral.model import parameter_counts
@@ -27,14 +29,23 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral mod
         tensors, shards = len(ckpt.names()), len({ckpt.shard_of(n) for n in ckpt.names()})
     t, v = cfg.text, cfg.vision
     table = Table(title=f"{model_dir}", show_header=False)
-    table.add_row("decoder", f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/{t.num_key_value_heads} "
-                  f"(head_dim {t.head_dim}), FFN {t.intermediate_size}, vocab {t.vocab_size}, rope θ {t.rope_theta:g}")  # fmt: skip
-    table.add_row("vision", f"{v.num_hidden_layers} layers, hidden {v.hidden_size}, heads {v.num_attention_heads} "
-                  f"(head_dim {v.head_dim}), FFN {v.intermediate_size}, patch {v.patch_size}, max {v.image_size}px")  # fmt: skip
+    table.add_row(
+        "decoder",
+        f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/{t.num_key_value_heads} "
+        f"(head_dim {t.head_dim}), FFN {t.intermediate_size}, vocab {t.vocab_size}, rope θ {t.rope_theta:g}",
+    )
+    table.add_row(
+        "vision",
+        f"{v.num_hidden_layers} layers, hidden {v.hidden_size}, heads {v.num_attention_heads} "
+        f"(head_dim {v.head_dim}), FFN {v.intermediate_size}, patch {v.patch_size}, max {v.image_size}px",
+    )
     table.add_row("projector", f"{v.hidden_size}→{t.hidden_size}→{t.hidden_size}, bias {cfg.projector_bias}")
     ids = tokenizer.image_ids
-    table.add_row("tokens", f"[IMG] {ids.img}, [IMG_BREAK] {ids.img_break}, [IMG_END] {ids.img_end}, "
-                  f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}")  # fmt: skip
+    table.add_row(
+        "tokens",
+        f"[IMG] {ids.img}, [IMG_BREAK] {ids.img_break}, [IMG_END] {ids.img_end}, "
+        f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}",
+    )
     for part, count in parameter_counts(cfg).items():
         table.add_row(f"params: {part}", human_count(count))
     table.add_row("weights", f"{tensors} tensors in {shards} shard(s)")
@@ -46,7 +57,9 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An HF Llava/Pixtral mod
 @app.command("demo-model")
 def demo_model(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the demo model (must not exist).")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if pixtral-exl2 wrote it (other files are never deleted).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT_DIR if pixtral-exl2 wrote it (other files are never deleted).")
+    ] = False,
 ) -> None:
     """Write the embedded demo model: a small Pixtral (real architecture, Pixtral-Large's tokenizer)
     trained to answer questions about drawn shapes, in HF Llava layout, usable by every command."""
@@ -54,7 +67,10 @@ def demo_model(
 
     with console.status("writing the demo model"):
         write_demo_model(out_dir, force=force)
-    console.print(f"demo model written to [bold]{escape(str(out_dir))}[/]; pictures to ask about, with questions and answers, in {escape(str(out_dir))}/examples/")
+    console.print(
+        f"demo model written to [bold]{escape(str(out_dir))}[/]; pictures to ask about, with questions and "
+        f"answers, in {escape(str(out_dir))}/examples/"
+    )
 
 
 @app.command()
@@ -78,11 +94,19 @@ def inspect(
     table.add_column("size", justify="right", no_wrap=True)
     for layer in report.layers:
         name = layer.name.removeprefix("language_model.").removeprefix("model.")
-        table.add_row(name, f"{layer.in_features} × {layer.out_features}", layer.groups, f"{layer.bpw:.3f}", human_bytes(layer.bytes))
+        table.add_row(
+            name,
+            f"{layer.in_features} × {layer.out_features}",
+            layer.groups,
+            f"{layer.bpw:.3f}",
+            human_bytes(layer.bytes),
+        )
     console.print(table)
     console.print(f"decoder bpw: [bold]{report.decoder_bpw:.4f}[/]   head bpw: {report.head_bpw or 'fp16'}")
-    kept = ", ".join(f"{label} ({part.tensors} tensors, {human_count(part.params)} params, {'/'.join(part.dtypes)})"
-                     for label, part in report.kept_unquantized.items())  # fmt: skip
+    kept = ", ".join(
+        f"{label} ({part.tensors} tensors, {human_count(part.params)} params, {'/'.join(part.dtypes)})"
+        for label, part in report.kept_unquantized.items()
+    )
     console.print(f"kept unquantized: {kept}")
     if report.quantization:
         console.print(f"quantization_config: {json.dumps(report.quantization.to_json())}")
@@ -91,11 +115,22 @@ def inspect(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Mistral-native Pixtral: params.json, consolidated*.safetensors, tekken.json or tokenizer.model.v7m1.")],
-    dst: Annotated[Path, typer.Argument(help="Where to write the HF Llava directory (must not exist, and not inside SRC).")],
-    dtype: Annotated[Optional[str], typer.Option(help="Store weights as float16, bfloat16 or float32 (default: as the source).")] = None,
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Mistral-native Pixtral: params.json, consolidated*.safetensors, tekken.json or tokenizer.model.v7m1."
+        ),
+    ],
+    dst: Annotated[
+        Path, typer.Argument(help="Where to write the HF Llava directory (must not exist, and not inside SRC).")
+    ],
+    dtype: Annotated[
+        Optional[str], typer.Option(help="Store weights as float16, bfloat16 or float32 (default: as the source).")
+    ] = None,
     shard_size: Annotated[int, typer.Option(help="Output shard size in MiB.", min=1, max=1 << 20)] = 4096,
-    force: Annotated[bool, typer.Option("--force", help="Replace DST if pixtral-exl2 wrote it (other files are never deleted).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace DST if pixtral-exl2 wrote it (other files are never deleted).")
+    ] = False,
 ) -> None:
     """Convert Mistral's own Pixtral release into the HF Llava layout the quantizer and runtime read:
     renamed and q/k-permuted weights (streamed shard by shard), config, tokenizer, extended chat
@@ -107,6 +142,11 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise fail(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     with progress_display() as on_progress:
-        cfg = convert_checkpoint(src, dst, dtype, shard_size, force, lambda done, total: on_progress(Progress("convert", done, total)))
-    console.print(f"converted to [bold]{escape(str(dst))}[/]: {cfg.text.num_hidden_layers} decoder layers, vision {cfg.vision.num_hidden_layers} layers, "
-                  f"projector bias {cfg.projector_bias}")  # fmt: skip
+        cfg = convert_checkpoint(
+            src, dst, dtype, shard_size, force, lambda done, total: on_progress(Progress("convert", done, total))
+        )
+    console.print(
+        f"converted to [bold]{escape(str(dst))}[/]: {cfg.text.num_hidden_layers} decoder layers, vision "
+        f"{cfg.vision.num_hidden_layers} layers, "
+        f"projector bias {cfg.projector_bias}"
+    )

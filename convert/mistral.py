@@ -35,12 +35,25 @@ EXTRA_FILES = ("SYSTEM_PROMPT.txt",)
 # per-layer tensors, identical in the decoder and the vision encoder: (native suffix, HF suffix, permuted by)
 ATTENTION = (("wq", "q_proj", "q"), ("wk", "k_proj", "k"), ("wv", "v_proj", None), ("wo", "o_proj", None))
 FEED_FORWARD = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))  # w1 = gate, w3 = up, w2 = down
-LAYER_TENSORS = ("attention_norm", "ffn_norm", *(f"attention.{w}" for w, _, _ in ATTENTION), *(f"feed_forward.{w}" for w, _ in FEED_FORWARD))
+LAYER_TENSORS = (
+    "attention_norm",
+    "ffn_norm",
+    *(f"attention.{w}" for w, _, _ in ATTENTION),
+    *(f"feed_forward.{w}" for w, _ in FEED_FORWARD),
+)
 
 
-def _layer_rules(native: str, hf: str, norms: tuple[str, str], attention: str, mlp: str, heads: dict) -> list[tuple[str, str, str | None]]:
-    rules = [(native + r"attention_norm\.weight", f"{hf}{norms[0]}.weight", None), (native + r"ffn_norm\.weight", f"{hf}{norms[1]}.weight", None)]
-    rules += [(native + rf"attention\.{w}\.weight", f"{hf}{attention}.{proj}.weight", heads.get(qk)) for w, proj, qk in ATTENTION]
+def _layer_rules(
+    native: str, hf: str, norms: tuple[str, str], attention: str, mlp: str, heads: dict
+) -> list[tuple[str, str, str | None]]:
+    rules = [
+        (native + r"attention_norm\.weight", f"{hf}{norms[0]}.weight", None),
+        (native + r"ffn_norm\.weight", f"{hf}{norms[1]}.weight", None),
+    ]
+    rules += [
+        (native + rf"attention\.{w}\.weight", f"{hf}{attention}.{proj}.weight", heads.get(qk))
+        for w, proj, qk in ATTENTION
+    ]
     rules += [(native + rf"feed_forward\.{w}\.weight", f"{hf}{mlp}.{proj}.weight", None) for w, proj in FEED_FORWARD]
     return rules
 
@@ -50,12 +63,12 @@ NAME_MAP: tuple[tuple[str, str, str | None], ...] = (
     (r"tok_embeddings\.weight", "language_model.model.embed_tokens.weight", None),
     (r"norm\.weight", "language_model.model.norm.weight", None),
     (r"output\.weight", "language_model.lm_head.weight", None),
-    *_layer_rules(r"layers\.(\d+)\.", r"language_model.model.layers.\1.", ("input_layernorm", "post_attention_layernorm"),
-                  "self_attn", "mlp", {"q": "text_q", "k": "text_kv"}),
+    *_layer_rules(r"layers\.(\d+)\.", r"language_model.model.layers.\1.",
+                  ("input_layernorm", "post_attention_layernorm"), "self_attn", "mlp", {"q": "text_q", "k": "text_kv"}),
     (r"vision_encoder\.patch_conv\.weight", "vision_tower.patch_conv.weight", None),
     (r"vision_encoder\.ln_pre\.weight", "vision_tower.ln_pre.weight", None),
-    *_layer_rules(r"vision_encoder\.transformer\.layers\.(\d+)\.", r"vision_tower.transformer.layers.\1.", ("attention_norm", "ffn_norm"),
-                  "attention", "feed_forward", {"q": "vision", "k": "vision"}),
+    *_layer_rules(r"vision_encoder\.transformer\.layers\.(\d+)\.", r"vision_tower.transformer.layers.\1.",
+                  ("attention_norm", "ffn_norm"), "attention", "feed_forward", {"q": "vision", "k": "vision"}),
     (r"vision_language_adapter\.w_in\.(weight|bias)", r"multi_modal_projector.linear_1.\1", None),
     (r"vision_language_adapter\.w_out\.(weight|bias)", r"multi_modal_projector.linear_2.\1", None),
 )  # fmt: skip
@@ -83,7 +96,9 @@ def hf_name(native: str) -> tuple[str, str | None]:
     for pattern, template, permute in _COMPILED:
         if pattern.match(native):
             return pattern.sub(template, native), permute
-    raise ConversionError(f"unexpected tensor {native!r}: not part of a Pixtral checkpoint (a Mistral 3 model, or a LoRA?)")
+    raise ConversionError(
+        f"unexpected tensor {native!r}: not part of a Pixtral checkpoint (a Mistral 3 model, or a LoRA?)"
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,9 @@ def read_source(src: Path) -> NativeSource:
     for shard in shards:
         for name in read_safetensors_header(shard):
             if name in names:
-                raise ConversionError(f"{src}: tensor {name!r} is in both {names[name].name} and {shard.name}: mismatched shard sets")
+                raise ConversionError(
+                    f"{src}: tensor {name!r} is in both {names[name].name} and {shard.name}: mismatched shard sets"
+                )
             names[name] = shard
     return NativeSource(src, params, shards, tokenizer, names)
 
@@ -135,7 +152,9 @@ def _check_index(src: Path, shards: tuple[Path, ...]) -> None:
         present = {p.name for p in shards}
         if listed != present:
             missing, extra = sorted(listed - present), sorted(present - listed)
-            raise ConversionError(f"{index}: mismatched shard sets (listed but missing: {missing}; present but not listed: {extra})")
+            raise ConversionError(
+                f"{index}: mismatched shard sets (listed but missing: {missing}; present but not listed: {extra})"
+            )
 
 
 def pixtral_config(params: dict[str, Any], projector_bias: bool, source: str) -> PixtralConfig:
@@ -171,38 +190,69 @@ def pixtral_config(params: dict[str, Any], projector_bias: bool, source: str) ->
         raise ConversionError(f"{source}: missing field {err.args[0]!r}") from err
     if vision.get("spatial_merge_size", 1) != 1 or vision.get("add_pre_mm_projector_layer_norm"):
         raise ConversionError(f"{source}: spatial merging / pre-projector norm is Mistral 3, not Pixtral")
-    return PixtralConfig(text, vision_cfg, image_token_index=int(vision.get("image_token_id", 10)), projector_bias=projector_bias)
+    return PixtralConfig(
+        text, vision_cfg, image_token_index=int(vision.get("image_token_id", 10)), projector_bias=projector_bias
+    )
 
 
 def _expected_names(cfg: PixtralConfig) -> set[str]:
     """Every native tensor name a checkpoint of this config must hold."""
-    names = {"tok_embeddings.weight", "norm.weight", "output.weight", "vision_encoder.patch_conv.weight", "vision_encoder.ln_pre.weight",
-             "vision_language_adapter.w_in.weight", "vision_language_adapter.w_out.weight"}  # fmt: skip
+    names = {
+        "tok_embeddings.weight",
+        "norm.weight",
+        "output.weight",
+        "vision_encoder.patch_conv.weight",
+        "vision_encoder.ln_pre.weight",
+        "vision_language_adapter.w_in.weight",
+        "vision_language_adapter.w_out.weight",
+    }
     names |= {f"layers.{i}.{t}.weight" for i in range(cfg.text.num_hidden_layers) for t in LAYER_TENSORS}
-    names |= {f"vision_encoder.transformer.layers.{i}.{t}.weight" for i in range(cfg.vision.num_hidden_layers) for t in LAYER_TENSORS}
+    names |= {
+        f"vision_encoder.transformer.layers.{i}.{t}.weight"
+        for i in range(cfg.vision.num_hidden_layers)
+        for t in LAYER_TENSORS
+    }
     if cfg.projector_bias:
         names |= {"vision_language_adapter.w_in.bias", "vision_language_adapter.w_out.bias"}
     return names
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None, shard_mb: int = 4096, force: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> PixtralConfig:  # fmt: skip
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    shard_mb: int = 4096,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PixtralConfig:
     """Convert a Mistral-native Pixtral directory into an HF Llava directory at `dst` (atomically)."""
     source = read_source(Path(src))
     has_bias = "vision_language_adapter.w_in.bias" in source.names
     declared = source.params["vision_encoder"].get("adapter_bias")
     if declared is not None and bool(declared) != has_bias:
-        raise ConversionError(f"{source.root}/params.json: adapter_bias is {declared} but the projector bias tensors are {'present' if has_bias else 'absent'}")
+        raise ConversionError(
+            f"{source.root}/params.json: adapter_bias is {declared} but the projector bias tensors are "
+            f"{'present' if has_bias else 'absent'}"
+        )
     cfg = pixtral_config(source.params, has_bias, str(source.root / "params.json"))
     expected = _expected_names(cfg)
     missing, unexpected = sorted(expected - set(source.names), key=natural_key), sorted(set(source.names) - expected)
     if missing:
-        raise ConversionError(f"{source.root}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]!r} (mismatched shard sets?)")
+        raise ConversionError(
+            f"{source.root}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]!r} (mismatched "
+            "shard sets?)"
+        )
     for name in unexpected:
         hf_name(name)  # raises with a clear message for foreign tensors
-        raise ConversionError(f"{source.root}: tensor {name!r} does not fit params.json ({cfg.text.num_hidden_layers} decoder, "
-                              f"{cfg.vision.num_hidden_layers} vision layers): mismatched shard sets?")  # fmt: skip
-    heads = {"text_q": cfg.text.num_attention_heads, "text_kv": cfg.text.num_key_value_heads, "vision": cfg.vision.num_attention_heads}
+        raise ConversionError(
+            f"{source.root}: tensor {name!r} does not fit params.json ({cfg.text.num_hidden_layers} decoder, "
+            f"{cfg.vision.num_hidden_layers} vision layers): mismatched shard sets?"
+        )
+    heads = {
+        "text_q": cfg.text.num_attention_heads,
+        "text_kv": cfg.text.num_key_value_heads,
+        "vision": cfg.vision.num_attention_heads,
+    }
     with atomic_directory(dst, force, "convert", [source.root]) as tmp:
         target_dtype = DTYPES[dtype] if dtype else None
         writer = ShardWriter(tmp, "model", shard_mb * 2**20)

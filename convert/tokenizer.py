@@ -43,7 +43,9 @@ class HFTokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character map used by ByteLevel BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -114,10 +116,27 @@ def _tekken_specials(data: dict, num_special: int) -> list[str]:
         by_rank = {int(t["rank"]): t["token_str"] for t in listed}
         return [by_rank.get(i, f"<SPECIAL_{i}>") for i in range(num_special)]
     v3 = [
-        "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-        "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
-        "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-    ]  # fmt: skip
+        "<unk>",
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+        "[AVAILABLE_TOOLS]",
+        "[/AVAILABLE_TOOLS]",
+        "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]",
+        "[TOOL_CALLS]",
+        "[IMG]",
+        "<pad>",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[PREFIX]",
+        "[MIDDLE]",
+        "[SUFFIX]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[TOOL_CONTENT]",
+    ]
     return v3 + [f"<SPECIAL_{i}>" for i in range(len(v3), num_special)]
 
 
@@ -147,14 +166,22 @@ def spm_to_hf(path: str | Path) -> HFTokenizer:
         byte_fallback=True,
     )
     tok = Tokenizer(model)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_UNDERLINE), normalizers.Replace(" ", SPIECE_UNDERLINE)])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPIECE_UNDERLINE), normalizers.Replace(" ", SPIECE_UNDERLINE)]
+    )
     tok.decoder = decoders.Sequence(
         [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok.add_special_tokens([AddedToken(processor.IdToPiece(i), special=True, normalized=False) for i in atomic])
     tok.add_tokens([AddedToken(processor.IdToPiece(i), special=False, normalized=False) for i in user_defined])
-    return HFTokenizer(tok, "spm", bos=processor.IdToPiece(processor.bos_id()), eos=processor.IdToPiece(processor.eos_id()),
-                       unk=processor.IdToPiece(processor.unk_id()), pad=None)  # fmt: skip
+    return HFTokenizer(
+        tok,
+        "spm",
+        bos=processor.IdToPiece(processor.bos_id()),
+        eos=processor.IdToPiece(processor.eos_id()),
+        unk=processor.IdToPiece(processor.unk_id()),
+        pad=None,
+    )
 
 
 def convert_mistral_tokenizer(path: str | Path) -> HFTokenizer:
@@ -167,7 +194,9 @@ def convert_mistral_tokenizer(path: str | Path) -> HFTokenizer:
     return tekken_to_hf(path) if head == b"{" else spm_to_hf(path)
 
 
-def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_length: int, chat_template: str | None = None) -> None:
+def write_hf_tokenizer(
+    converted: HFTokenizer, out_dir: str | Path, model_max_length: int, chat_template: str | None = None
+) -> None:
     """Write tokenizer.json, tokenizer_config.json (with the chat template, where HF tokenizers
     look for it) and special_tokens_map.json."""
     out_dir = Path(out_dir)
@@ -189,5 +218,7 @@ def write_hf_tokenizer(converted: HFTokenizer, out_dir: str | Path, model_max_le
     }
     if chat_template:
         config["chat_template"] = chat_template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")

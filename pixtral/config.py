@@ -66,7 +66,9 @@ class PixtralConfig:
     projector_bias: bool = True
     bos_token_id: int = 1
     eos_token_id: int = 2
-    quantization: EXL2Metadata | None = field(default=None, compare=False, hash=False)  # an EXL2 tier's quantization_config
+    quantization: EXL2Metadata | None = field(
+        default=None, compare=False, hash=False
+    )  # an EXL2 tier's quantization_config
 
 
 def _read(section: dict[str, Any], names: list[str], where: str, default: Any = None) -> Any:
@@ -96,9 +98,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> PixtralCon
         )
     vision_raw = raw.get("vision_config") or {}
     if vision_raw.get("model_type") != "pixtral":
-        raise ConfigError(
-            f"{source}: vision_config.model_type is {vision_raw.get('model_type')!r}; expected 'pixtral'"
-        )
+        raise ConfigError(f"{source}: vision_config.model_type is {vision_raw.get('model_type')!r}; expected 'pixtral'")
     text_raw = raw.get("text_config") or {}
     where_t, where_v = f"{source} text_config", f"{source} vision_config"
     hidden = int(_read(text_raw, ["hidden_size"], where_t))
@@ -137,7 +137,9 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> PixtralCon
         projector_bias=bool(raw.get("multimodal_projector_bias", True)),
         bos_token_id=int(raw.get("bos_token_id", text_raw.get("bos_token_id", 1)) or 1),
         eos_token_id=int(eos[0] if isinstance(eos, list) else eos or 2),
-        quantization=EXL2Metadata.from_json(raw["quantization_config"], source) if "quantization_config" in raw else None,
+        quantization=EXL2Metadata.from_json(raw["quantization_config"], source)
+        if "quantization_config" in raw
+        else None,
     )
 
 
@@ -162,7 +164,9 @@ def load_config(model_dir: str | Path) -> PixtralConfig:
     if not path.is_file():
         tiers = sorted(Path(model_dir).glob("*bpw/config.json")) if Path(model_dir).is_dir() else []
         if tiers:  # a quantize output folder: its tiers are the models
-            raise ConfigError(f"{model_dir}: a quantize output folder, not a model; pick a tier, e.g. {tiers[0].parent}")
+            raise ConfigError(
+                f"{model_dir}: a quantize output folder, not a model; pick a tier, e.g. {tiers[0].parent}"
+            )
         raise ConfigError(f"{path}: not found; expected an HF Llava/Pixtral model directory")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

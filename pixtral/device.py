@@ -23,8 +23,12 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise OptionError(f"{option} {name}: no CUDA GPU is available (torch {torch.__version__} is {build}); use --device cpu")
+        raise OptionError(
+            f"{option} {name}: no CUDA GPU is available (torch {torch.__version__} is {build}); use --device cpu"
+        )
     index = int(match[1]) if match[1] else 0
     if index >= torch.cuda.device_count():
-        raise OptionError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise OptionError(
+            f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
     return torch.device(name)

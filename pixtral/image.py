@@ -72,7 +72,9 @@ def open_image(
     except UnidentifiedImageError as err:
         raise ImageError(f"{label}: not a readable image (unknown format or corrupt data)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{label}: image has more pixels than the {max_pixels}-pixel limit (a decompression bomb?)") from err
+        raise ImageError(
+            f"{label}: image has more pixels than the {max_pixels}-pixel limit (a decompression bomb?)"
+        ) from err
     except (OSError, ValueError) as err:
         raise ImageError(f"{label}: not a readable image ({err})") from err
     return image

@@ -16,7 +16,9 @@ from pixtral.config import TextConfig
 class LayerCache:
     """Keys and values of one attention layer: [B, Hkv, capacity, D], valid up to what was written."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ):
         self.max_len = max_len
         self.k = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
@@ -45,7 +47,10 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, max_len: int, dtype: torch.dtype, device: torch.device | str, batch: int = 1):
         self.max_len = max_len
-        self.layers = [LayerCache(batch, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [
+            LayerCache(batch, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
         self.length = 0
 
     def truncate(self, length: int) -> None:

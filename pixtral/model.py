@@ -39,7 +39,9 @@ class PixtralModel(nn.Module):
     def image_features(self, images: list[Tensor]) -> Tensor:
         """[3, H, W] pixel arrays -> projected features [sum of patches, text hidden]."""
         if self.vision_tower is None:
-            raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
+            raise ImageError(
+                "this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images"
+            )
         return self.multi_modal_projector(self.vision_tower(images))
 
     def embed(self, input_ids: Tensor, images: list[Tensor] | None = None) -> Tensor:
@@ -60,15 +62,15 @@ def insert_image_features(embeds: Tensor, input_ids: Tensor, features: Tensor, i
     is_image = input_ids == image_token
     count = int(is_image.sum())
     if count != features.shape[0]:
-        raise ImageError(
-            f"prompt has {count} [IMG] tokens but the images give {features.shape[0]} patch features"
-        )
+        raise ImageError(f"prompt has {count} [IMG] tokens but the images give {features.shape[0]} patch features")
     out = embeds.clone()
     out[is_image] = features
     return out
 
 
-def load_module(module: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype, device: str | torch.device) -> None:
+def load_module(
+    module: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype, device: str | torch.device
+) -> None:
     """Fill every parameter of `module` from `ckpt` tensors named `prefix + param name`."""
     state = {}
     for name, param in module.state_dict().items():
@@ -173,5 +175,11 @@ def parameter_counts(cfg: PixtralConfig) -> dict[str, int]:
     lm = model.language_model
     norms = sum(count(layer.input_layernorm) + count(layer.post_attention_layernorm) for layer in lm.model.layers)
     decoder, vision, projector = count(lm), count(model.vision_tower), count(model.multi_modal_projector)
-    return {"decoder": decoder, "decoder_linears": count(lm.model.layers) - norms, "embed_and_head": count(lm.model.embed_tokens) + count(lm.lm_head),
-            "vision": vision, "projector": projector, "total": decoder + vision + projector}  # fmt: skip
+    return {
+        "decoder": decoder,
+        "decoder_linears": count(lm.model.layers) - norms,
+        "embed_and_head": count(lm.model.embed_tokens) + count(lm.lm_head),
+        "vision": vision,
+        "projector": projector,
+        "total": decoder + vision + projector,
+    }

@@ -72,13 +72,17 @@ def check_replaceable(path: Path, force: bool, command: str, hint: str = "pass -
         return
     marker = read_marker(path)
     if marker is not None and marker.get("command") != command:
-        raise OutputError(f"{path}: was written by `pixtral-exl2 {marker.get('command')}`, not `{command}`; "
-                          "refusing to replace it. Choose another directory")  # fmt: skip
+        raise OutputError(
+            f"{path}: was written by `pixtral-exl2 {marker.get('command')}`, not `{command}`; "
+            "refusing to replace it. Choose another directory"
+        )
     foreign = [e for e in entries if e != MARKER and (marker is None or e not in marker["files"])]
     if foreign:
         shown = ", ".join(repr(e) for e in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputError(f"{path}: holds files pixtral-exl2 did not write ({shown}); --force only replaces "
-                          "pixtral-exl2's own output. Move them away or choose another directory")  # fmt: skip
+        raise OutputError(
+            f"{path}: holds files pixtral-exl2 did not write ({shown}); --force only replaces "
+            "pixtral-exl2's own output. Move them away or choose another directory"
+        )
 
 
 def check_writable(path: Path) -> None:
@@ -117,7 +121,9 @@ def clean_leftovers(parent: Path, name: str) -> list[Path]:
     for entry in parent.iterdir():
         match = _LEFTOVER.match(entry.name)
         if match and match["name"] == name and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(
+                missing_ok=True
+            )
             removed.append(entry)
     return removed
 
@@ -133,7 +139,9 @@ def _make_parents(path: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_directory(final: str | Path, force: bool, command: str, inputs: Iterable[Path | None] = ()) -> Iterator[Path]:
+def atomic_directory(
+    final: str | Path, force: bool, command: str, inputs: Iterable[Path | None] = ()
+) -> Iterator[Path]:
     """Yield a temporary sibling directory; it becomes `final` only if the block succeeds.
 
     The existing `final` (with `force`) is moved aside only once the new one is complete, then removed.
@@ -167,7 +175,11 @@ def _marker(directory: Path, command: str) -> dict[str, Any]:
     """What we wrote into `directory`: its files, and the hashes of the small ones we may rewrite later
     (a card), so a later run can tell our file from one the user edited."""
     files = sorted({p.name for p in directory.iterdir()} | {MARKER})
-    small = {p.name: _sha256(p) for p in directory.iterdir() if p.is_file() and p.name != MARKER and p.stat().st_size <= SMALL_FILE}
+    small = {
+        p.name: _sha256(p)
+        for p in directory.iterdir()
+        if p.is_file() and p.name != MARKER and p.stat().st_size <= SMALL_FILE
+    }
     return {"written_by": "pixtral-exl2", "command": command, "files": files, "sha256": dict(sorted(small.items()))}
 
 
@@ -186,7 +198,9 @@ def update_owned_files(directory: Path, files: dict[str, bytes], force: bool = F
     for name, data in files.items():
         path = directory / name
         if path.exists() and not force and hashes.get(name) != _sha256(path):
-            raise OutputError(f"{path}: changed since pixtral-exl2 wrote it (or not written by it); pass --force to replace it")
+            raise OutputError(
+                f"{path}: changed since pixtral-exl2 wrote it (or not written by it); pass --force to replace it"
+            )
     for name, data in files.items():
         atomic_write_bytes(directory / name, data)
         hashes[name] = hashlib.sha256(data).hexdigest()

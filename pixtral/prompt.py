@@ -68,11 +68,15 @@ class Prompt:
             if image is None or patch == image.patches:
                 image, patch = next(images, None), 0
                 if image is None:
-                    raise ImageError(f"the prompt has more [IMG] tokens than its {len(self.images)} image(s) have patches")
+                    raise ImageError(
+                        f"the prompt has more [IMG] tokens than its {len(self.images)} image(s) have patches"
+                    )
             keys.append((image.key, patch))
             patch += 1
         if next(images, None) is not None or (image is not None and patch != image.patches):
-            raise ImageError(f"the prompt's [IMG] tokens do not match the patch grids of its {len(self.images)} image(s)")
+            raise ImageError(
+                f"the prompt's [IMG] tokens do not match the patch grids of its {len(self.images)} image(s)"
+            )
         return keys
 
 
@@ -92,7 +96,9 @@ def question_messages(question: str, image: PromptImage | None = None) -> list[d
     return [{"role": "user", "content": content}]
 
 
-def answer_ids(tokenizer: PixtralTokenizer, messages: list[dict[str, Any]], answer: str, grids: list[tuple[int, int]]) -> tuple[list[int], int]:
+def answer_ids(
+    tokenizer: PixtralTokenizer, messages: list[dict[str, Any]], answer: str, grids: list[tuple[int, int]]
+) -> tuple[list[int], int]:
     """Token ids of `messages` followed by the assistant's `answer` (and `</s>`), and where the answer starts."""
     prompt = tokenizer.encode_chat(messages, grids)
     full = tokenizer.encode_chat(messages + [{"role": "assistant", "content": answer}], grids)
@@ -109,5 +115,7 @@ def chat_prompt(
     continue_final_message: bool = False,
 ) -> Prompt:
     """The prompt for a conversation whose image parts are `images`, in order."""
-    ids = tokenizer.encode_chat(messages, [image.grid for image in images], tools, continue_final_message=continue_final_message)
+    ids = tokenizer.encode_chat(
+        messages, [image.grid for image in images], tools, continue_final_message=continue_final_message
+    )
     return Prompt(tuple(ids), tuple(images))

@@ -71,7 +71,10 @@ class Attention(nn.Module):
         if start == 0 or T == 1:  # a fresh square causal block, or one new token that sees everything
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, D]
         else:  # new tokens after a cached prefix: token i sees keys 0..start+i
-            mask = torch.arange(start + T, device=x.device)[None, :] <= torch.arange(start, start + T, device=x.device)[:, None]
+            mask = (
+                torch.arange(start + T, device=x.device)[None, :]
+                <= torch.arange(start, start + T, device=x.device)[:, None]
+            )
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -95,7 +98,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def attention_block(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, start: int = 0) -> Tensor:
+    def attention_block(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None, start: int = 0
+    ) -> Tensor:
         return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
 
     def mlp_block(self, x: Tensor) -> Tensor:
@@ -124,7 +129,9 @@ class LanguageModel(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, inputs_embeds: Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+    def forward(
+        self, inputs_embeds: Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
+    ) -> Tensor:
         """inputs_embeds [B, T, hidden] at positions start_pos.. -> logits [B, T, vocab] ([B, 1, vocab]
         with `last_only`). With `cache`, the first `start_pos` positions come from it and the new ones
         are appended to it."""
@@ -176,6 +183,7 @@ DECODER_LINEARS: tuple[LinearSpec, ...] = (
     LinearSpec("mlp.up_proj", "mlp", "mlp_in"),
     LinearSpec("mlp.down_proj", "mlp", "mlp_down"),
 )
+
 
 def layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of every linear of a decoder layer, read off the modules (meta device)."""

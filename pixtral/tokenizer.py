@@ -57,7 +57,9 @@ class PixtralTokenizer:
         # the text already starts with a space, so " x" would lose one "▁" (mistral-common: "▁▁x")
         pre = self.tokenizer.pre_tokenizer
         self._space_prefix = isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first"
-        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        specials = sorted(
+            (t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
+        )
         self._special = re.compile("|".join(map(re.escape, specials)))
         stat = path.stat()
         self._file_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -133,7 +135,9 @@ class PixtralTokenizer:
             raise TokenizerError("the model directory has no chat template (chat_template.json)")
         messages, tools = self._escape(messages), self._escape(tools)
         try:
-            return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs)
+            return render_chat(
+                self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools, **kwargs
+            )
         except TemplateError as err:
             raise TokenizerError(f"chat template: {err}") from err
 
@@ -168,7 +172,9 @@ def _plain_tokenizers(file_key: tuple[str, int, int]) -> tuple[Tokenizer, Tokeni
     first.encode_special_tokens = rest.encode_special_tokens = True
     pre = rest.pre_tokenizer
     if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
-        rest.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+        rest.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=pre.replacement, prepend_scheme="never", split=pre.split
+        )
     return first, rest
 
 

@@ -19,9 +19,7 @@ from pixtral.text import MLP, RMSNorm, apply_rope
 VISION_NORM_EPS = 1e-5  # fixed in Pixtral, independent of the text config
 
 
-def rope_2d_cos_sin(
-    grids: list[tuple[int, int]], cfg: VisionConfig, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def rope_2d_cos_sin(grids: list[tuple[int, int]], cfg: VisionConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [num_patches, head_dim] for images with (rows, cols) patch grids, concatenated."""
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))  # [D/2]
     angles = []
@@ -36,7 +34,9 @@ def rope_2d_cos_sin(
 
 def block_diagonal_mask(sizes: list[int], device: torch.device) -> Tensor:
     """Boolean [P, P] mask, True where attention is allowed (within one image)."""
-    image_of_patch = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    image_of_patch = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
     return image_of_patch[:, None] == image_of_patch[None, :]
 
 

@@ -29,6 +29,7 @@ _PREFIX_ALIASES = (
     ("lm_head.", "language_model.lm_head."),
 )
 
+
 class WeightsError(UserError):
     """A checkpoint that is missing files or tensors, or holds tensors of the wrong shape or type."""
 
@@ -146,7 +147,6 @@ class Checkpoint:
         if shard not in self._handles:
             self._handles[shard] = self._stack.enter_context(safe_open(str(shard), framework="pt"))
         return self._handles[shard].get_tensor(self._stored[name])
-
 
 
 def weights_bytes(model_dir: Path) -> int:

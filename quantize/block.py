@@ -55,8 +55,14 @@ class BlockRunner:
         return outputs
 
     @torch.no_grad()
-    def hessians(self, block: str, states: Sequence[Tensor], weights: Sequence[Tensor] | None = None,
-                 on_device: bool = False, keep_outputs: bool = True) -> tuple[dict[str, HessianAccumulator], list[Tensor]]:  # fmt: skip
+    def hessians(
+        self,
+        block: str,
+        states: Sequence[Tensor],
+        weights: Sequence[Tensor] | None = None,
+        on_device: bool = False,
+        keep_outputs: bool = True,
+    ) -> tuple[dict[str, HessianAccumulator], list[Tensor]]:
         """The Hessian accumulator of each input group of the block (tokens weighted by `weights`,
         one [L] per row), and the block's outputs with the current weights (without `keep_outputs`,
         each pass stops once the last linear's input is in: its output would be thrown away)."""
@@ -78,13 +84,16 @@ class BlockRunner:
         return accumulators, outputs
 
     @torch.no_grad()
-    def squared_error(self, block: str, states: Sequence[Tensor], reference: Sequence[Tensor],
-                      weights: Sequence[Tensor] | None = None) -> float:  # fmt: skip
+    def squared_error(
+        self, block: str, states: Sequence[Tensor], reference: Sequence[Tensor], weights: Sequence[Tensor] | None = None
+    ) -> float:
         """Σ over rows and tokens of w·‖y − y_ref‖² (w = 1 without `weights`)."""
         total = 0.0
         for index, (s, ref) in enumerate(zip(states, reference)):
             y = self.forward(block, s.to(self.compute.device, self.compute.dtype)[None])[0].float()
-            total += _token_sum(((y - ref.to(y.device).float()) ** 2).sum(-1), None if weights is None else weights[index])
+            total += _token_sum(
+                ((y - ref.to(y.device).float()) ** 2).sum(-1), None if weights is None else weights[index]
+            )
         return total
 
     def set_weight(self, name: str, weight: Tensor) -> None:

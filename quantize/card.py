@@ -47,10 +47,13 @@ def render_card(tier: str, quant: EXL2Metadata, size_bytes: int, quality: list[s
         f"| output head | {number(head, 2) if isinstance(head, (int, float)) else head} bpw |",
         f"| weights on disk | {size_text(size_bytes)} |",
         "| kept fp16 | vision tower, projector, token embeddings, norms |",
-        f"| calibration | {_given(calibration.rows)} rows × {_given(calibration.length)} tokens, {calibration.images or 0} images; "
+        f"| calibration | {_given(calibration.rows)} rows × {_given(calibration.length)} tokens, "
+        f"{calibration.images or 0} images; "
         f"{_given(calibration.dataset)} |",
-        f"| image-token Hessian weight | {1.0 if calibration.image_token_weight is None else calibration.image_token_weight} |",
-        f"| calibration-set KL vs fp16 | {number(quant.calibration_kl, 5)} (last-layer logits on the calibration rows) |",
+        "| image-token Hessian weight | "
+        f"{1.0 if calibration.image_token_weight is None else calibration.image_token_weight} |",
+        f"| calibration-set KL vs fp16 | {number(quant.calibration_kl, 5)} (last-layer logits on the calibration "
+        "rows) |",
         "",
         "## Quality",
         "",
@@ -58,8 +61,12 @@ def render_card(tier: str, quant: EXL2Metadata, size_bytes: int, quality: list[s
     if quality:
         parts += quality
     else:
-        parts += ["Not measured yet beyond the calibration set: run `pixtral-exl2 eval SOURCE_DIR THIS_DIR` to add the quality "
-                  "table (perplexity and KL on text, KL and top-1 agreement on image prompts) and its plot to this card.", ""]  # fmt: skip
+        parts += [
+            "Not measured yet beyond the calibration set: run `pixtral-exl2 eval SOURCE_DIR THIS_DIR` to add the "
+            "quality "
+            "table (perplexity and KL on text, KL and top-1 agreement on image prompts) and its plot to this card.",
+            "",
+        ]
     parts += _how_to_run(tier)
     return "\n".join(parts) + "\n"
 
@@ -74,7 +81,8 @@ def _how_to_run(tier: str) -> list[str]:
         f"pixtral-exl2 serve {tier}           # OpenAI/TabbyAPI-compatible server on :5000",
         "```",
         "",
-        "A TabbyAPI-style `config.yml` for `pixtral-exl2 serve --config config.yml` (the folder holding this tier is the model dir):",
+        "A TabbyAPI-style `config.yml` for `pixtral-exl2 serve --config config.yml` (the folder holding this tier "
+        "is the model dir):",
         "",
         "```yaml",
         "model:",
@@ -86,7 +94,8 @@ def _how_to_run(tier: str) -> list[str]:
         "```",
         "",
         "`pixtral-exl2 serve` lays images out exactly as mistral-common does: `[IMG]…[IMG_BREAK]…[IMG_END]` grids on a "
-        "16-px grid, our fp16 vision tower's features at the `[IMG]` positions. Without flash-attn ≥ 2.5.7 its exllamav2 "
+        "16-px grid, our fp16 vision tower's features at the `[IMG]` positions. Without flash-attn ≥ 2.5.7 its "
+        "exllamav2 "
         "backend runs unpaged with a causal-masked attention, one request at a time (`/v1/model` says which).",
         "",
         "## Serve it with TabbyAPI",
@@ -100,10 +109,13 @@ def _how_to_run(tier: str) -> list[str]:
         "  vision: true",
         "```",
         "",
-        "Text, raw completions (`add_bos_token`) and the chat template (image parts, text before or after a picture) give "
-        "mistral-common's tokens there. The picture itself is encoded by exllamav2's own Pixtral processor, which differs "
+        "Text, raw completions (`add_bos_token`) and the chat template (image parts, text before or after a "
+        "picture) give "
+        "mistral-common's tokens there. The picture itself is encoded by exllamav2's own Pixtral processor, which "
+        "differs "
         "from mistral-common: it resizes images to multiples of 32 px (not 16) and ends the grid with an extra "
-        "`[IMG_BREAK]` before `[IMG_END]`. On the project's demo model (4.0 tier, greedy) 21 of 24 picture answers were "
+        "`[IMG_BREAK]` before `[IMG_END]`. On the project's demo model (4.0 tier, greedy) 21 of 24 picture answers "
+        "were "
         "right with mistral-common's layout and 17 of 24 through exllamav2's processor; use `pixtral-exl2 serve` where "
         "the exact layout matters.",
     ]

@@ -100,7 +100,9 @@ def prepare_hessian(H: Tensor, damp: float = DAMP, act_order: bool = True) -> Pr
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and not torch.isnan(U).any():
                 return PreparedHessian(perm, U, H)
-    raise QuantizationError("Hessian is not invertible even after repeated damping (dead or duplicated input channels?)")
+    raise QuantizationError(
+        "Hessian is not invertible even after repeated damping (dead or duplicated input channels?)"
+    )
 
 
 def p_grid(device: torch.device | str) -> Tensor:
@@ -129,12 +131,16 @@ def scale_errors(W: Tensor, s: Tensor, p: Tensor, bits: int) -> Tensor:
         r = W[None] / sp[:, None, :]
         e = torch.clamp(torch.round(r), -zero, maxq - zero).sub_(r).abs_()
         powered = e.square().mul_(e).mul_(e.sqrt())  # |q − r|^3.5
-        errors.append((powered.sum(dim=1) * sp ** ERR_NORM).sum(dim=1))
+        errors.append((powered.sum(dim=1) * sp**ERR_NORM).sum(dim=1))
     return torch.cat(errors)
 
 
-def search_p(errors_of: Callable[[Tensor], Tensor], grid: Tensor, full: bool = False,
-             coarse_errors_of: Callable[[Tensor], Tensor] | None = None) -> Tensor:  # fmt: skip
+def search_p(
+    errors_of: Callable[[Tensor], Tensor],
+    grid: Tensor,
+    full: bool = False,
+    coarse_errors_of: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """The multiplier with the least error: every 8th of the grid (scored by `coarse_errors_of`, a
     sample of the group's rows, when given), then all within 7 of the best; `full` tries all 97."""
     if full:
@@ -148,7 +154,9 @@ def search_p(errors_of: Callable[[Tensor], Tensor], grid: Tensor, full: bool = F
 ScaleErrorFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
 
-def find_scales(W: Tensor, bits: int, full_search: bool = False, errors: ScaleErrorFn = scale_errors) -> tuple[Tensor, Tensor, Tensor]:
+def find_scales(
+    W: Tensor, bits: int, full_search: bool = False, errors: ScaleErrorFn = scale_errors
+) -> tuple[Tensor, Tensor, Tensor]:
     """Scales of one group W [R, N]: (scale_codes [N], scale_max fp16 [], effective fp32 scale [N]);
     `errors` scores the multipliers (the Triton kernel on CUDA)."""
     qscale, M = base_scales(W, bits)
@@ -156,7 +164,9 @@ def find_scales(W: Tensor, bits: int, full_search: bool = False, errors: ScaleEr
     stride = -(-W.shape[1] // P_SEARCH_MAX_COLUMNS)  # wide layers: a strided sample of the columns
     Ws, ss = W[:, ::stride], s[::stride]
     Wc = Ws[:: max(1, Ws.shape[0] // P_COARSE_ROWS)]  # the coarse step only finds the basin: a row sample does
-    best_p = search_p(lambda p: errors(Ws, ss, p, bits), p_grid(W.device), full_search, lambda p: errors(Wc, ss, p, bits))
+    best_p = search_p(
+        lambda p: errors(Ws, ss, p, bits), p_grid(W.device), full_search, lambda p: errors(Wc, ss, p, bits)
+    )
     scale_max = (M * best_p).half()
     effective = ((qscale**2).half() * (scale_max.float() / 256).half()).float()  # fp16 roundings as the kernel
     return (qscale - 1).long(), scale_max, effective
@@ -216,7 +226,9 @@ def gptq_quantize(
         i2 = i1 + rows
         if i1 >= row0:
             if i1 in wanted:
-                snapshots[i1] = Snapshot(i1, Wq[i1:].clone(), codes[:i1].clone(), deq[:i1].clone(), tuple(scale_codes), tuple(scale_max))
+                snapshots[i1] = Snapshot(
+                    i1, Wq[i1:].clone(), codes[:i1].clone(), deq[:i1].clone(), tuple(scale_codes), tuple(scale_max)
+                )
             result = group(Wq[i1:i2], U[i1:i2, i1:i2], bits)
             codes[i1:i2], deq[i1:i2] = result.codes, result.deq
             scale_codes.append(result.scale_code)

@@ -48,7 +48,9 @@ def _scale_error_kernel(W, S, P, OUT, R, N, stride_w, zero, maxq, err_norm, BLOC
 
 
 @triton.jit
-def _group_kernel(W, U, S, CODES, DEQ, ERR, R, N, stride_w, stride_u, zero, maxq, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+def _group_kernel(
+    W, U, S, CODES, DEQ, ERR, R, N, stride_w, stride_u, zero, maxq, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr
+):
     """Quantize the group's rows of one block of columns with in-group error feedback."""
     nb = tl.program_id(0)
     rows = tl.arange(0, BLOCK_R)
@@ -87,8 +89,20 @@ def _scale_errors(W: Tensor, s: Tensor, p: Tensor, bits: int) -> Tensor:
     R, N = Ws.shape
     blocks = triton.cdiv(N, BLOCK_N)
     out = torch.empty(p.shape[0], blocks, dtype=torch.float32, device=W.device)
-    _scale_error_kernel[(p.shape[0], blocks)](Ws, ss, p.contiguous(), out, R, N, Ws.stride(0), 2 ** (bits - 1), 2**bits - 1, ERR_NORM,
-                                              BLOCK_R=min(64, _block_rows(R)), BLOCK=BLOCK_N)  # fmt: skip
+    _scale_error_kernel[(p.shape[0], blocks)](
+        Ws,
+        ss,
+        p.contiguous(),
+        out,
+        R,
+        N,
+        Ws.stride(0),
+        2 ** (bits - 1),
+        2**bits - 1,
+        ERR_NORM,
+        BLOCK_R=min(64, _block_rows(R)),
+        BLOCK=BLOCK_N,
+    )
     return out.sum(dim=1)
 
 
@@ -100,6 +114,20 @@ def triton_quantize_group(Wg: Tensor, Ug: Tensor, bits: int, full_search: bool =
     R, N = W.shape
     codes = torch.empty(R, N, dtype=torch.uint8, device=W.device)
     deq, Err = torch.empty(R, N, device=W.device), torch.empty(R, N, device=W.device)
-    _group_kernel[(triton.cdiv(N, BLOCK_N),)](W, U, s, codes, deq, Err, R, N, W.stride(0), U.stride(0), float(2 ** (bits - 1)),
-                                               float(2**bits - 1), BLOCK_R=_block_rows(R), BLOCK=BLOCK_N)  # fmt: skip
+    _group_kernel[(triton.cdiv(N, BLOCK_N),)](
+        W,
+        U,
+        s,
+        codes,
+        deq,
+        Err,
+        R,
+        N,
+        W.stride(0),
+        U.stride(0),
+        float(2 ** (bits - 1)),
+        float(2**bits - 1),
+        BLOCK_R=_block_rows(R),
+        BLOCK=BLOCK_N,
+    )
     return GroupResult(codes, deq, Err, scale_code, scale_max)

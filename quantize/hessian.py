@@ -42,7 +42,9 @@ class HessianAccumulator:
 
 
 @contextmanager
-def collect_hessians(layer: nn.Module, specs: list[LinearSpec], device: torch.device | str) -> Iterator[dict[str, HessianAccumulator]]:
+def collect_hessians(
+    layer: nn.Module, specs: list[LinearSpec], device: torch.device | str
+) -> Iterator[dict[str, HessianAccumulator]]:
     """While active, every forward through `layer` adds the inputs of each Hessian group of `specs`."""
     accumulators: dict[str, HessianAccumulator] = {}
     handles = []

@@ -137,18 +137,33 @@ class JobState:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": JOB_VERSION, "fingerprint": self.fingerprint, "frozen": self.frozen, "stage": self.stage.value,
-                "blocks_done": self.blocks_done, "streams": {k: str(v) for k, v in self.streams.items()}, "images": self.images,
-                "tiers": {name: tier.to_json() for name, tier in self.tiers.items()}, "timings": self.timings}  # fmt: skip
+        return {
+            "version": JOB_VERSION,
+            "fingerprint": self.fingerprint,
+            "frozen": self.frozen,
+            "stage": self.stage.value,
+            "blocks_done": self.blocks_done,
+            "streams": {k: str(v) for k, v in self.streams.items()},
+            "images": self.images,
+            "tiers": {name: tier.to_json() for name, tier in self.tiers.items()},
+            "timings": self.timings,
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> JobState:
         if data.get("version") != JOB_VERSION:
             raise ValueError("job file from another version")
         tiers = {name: TierState.from_json(tier) for name, tier in data["tiers"].items()}
-        return JobState(data["fingerprint"], data["frozen"], Stage(data["stage"]), data["blocks_done"],
-                        {k: Location.parse(v) for k, v in data["streams"].items()}, data["images"],
-                        tiers, data["timings"])  # fmt: skip
+        return JobState(
+            data["fingerprint"],
+            data["frozen"],
+            Stage(data["stage"]),
+            data["blocks_done"],
+            {k: Location.parse(v) for k, v in data["streams"].items()},
+            data["images"],
+            tiers,
+            data["timings"],
+        )
 
 
 @dataclass(frozen=True)

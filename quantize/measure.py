@@ -95,7 +95,9 @@ class BlockInputs:
         return self.prepared[group]
 
 
-def block_inputs(runner: BlockRunner, block: str, states: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> BlockInputs:
+def block_inputs(
+    runner: BlockRunner, block: str, states: Sequence[Tensor], weights: Sequence[Tensor] | None = None
+) -> BlockInputs:
     """One pass of the block over the measurement rows: its Hessians and fp16 outputs."""
     on_device = runner.compute.device.type != "cpu"
     rows_in = runner.resident(states) if on_device else list(states)
@@ -111,7 +113,9 @@ def measure_linear(runner: BlockRunner, block: str, name: str, inputs: BlockInpu
     accumulator, weight = inputs.accumulators[spec.hessian_group], original.float()
     H_mean = accumulator.result() if name in RESIDUAL_LINEARS else None  # once per linear: K² work (down_proj: 14336²)
     found = []
-    for candidate, result in anchor_runs(weight, inputs.hessian(spec.hessian_group, runner.compute.damp), K, runner.compute):
+    for candidate, result in anchor_runs(
+        weight, inputs.hessian(spec.hessian_group, runner.compute.damp), K, runner.compute
+    ):
         if H_mean is not None:
             error = output_error(weight, result.weight, H_mean, accumulator.tokens) / inputs.total
         else:
@@ -138,20 +142,28 @@ def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
         tasks: list[Task] = [MeasureLinear(layer, BLOCKS[block], spec.name, source, count) for spec in specs]
         tasks.append(StreamBlock(MEASURED, layer, BLOCKS[block], source, count))
 
-        done = iter(range(layer * len(DECODER_LINEARS) + (len(DECODER_LINEARS) - len(specs) if block else 0) + 1, total + 1))
+        done = iter(
+            range(layer * len(DECODER_LINEARS) + (len(DECODER_LINEARS) - len(specs) if block else 0) + 1, total + 1)
+        )
 
         def report(task: Task, worker: int, _result: object, layer: int = layer) -> None:
             if isinstance(task, MeasureLinear):
                 where = f", worker {worker + 1}" if workers.count > 1 else ""
-                ctx.progress(Progress("measure", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.name}{where}"))
+                ctx.progress(
+                    Progress("measure", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.name}{where}")
+                )
 
         *results, target = workers.map(tasks, report)
-        partial.update({layer_prefix(layer) + spec.name: anchors_to_json(anchors) for spec, anchors in zip(specs, results)})
+        partial.update(
+            {layer_prefix(layer) + spec.name: anchors_to_json(anchors) for spec, anchors in zip(specs, results)}
+        )
         atomic_write_json(partial_path, partial)
         state = replace(state, blocks_done=index + 1, streams={**state.streams, MEASURED: target})
         save_state(ctx.work, state)
     shapes = linear_shapes(ctx.cfg)
-    measurements = {name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()}
+    measurements = {
+        name: LinearMeasurement(*shapes[name], anchors_from_json(entries)) for name, entries in partial.items()
+    }
     atomic_write_json(Path(ctx.config.out_dir) / MEASUREMENT_FILE, measurement_to_json(measurements, _meta(ctx)))
     ctx.store.remove(MEASURED)
     return state
@@ -159,8 +171,11 @@ def run_measure(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
 
 def _meta(ctx: JobContext) -> dict[str, Any]:
     spec = ctx.config.calibration
-    return {"model": str(ctx.config.model_dir), "quantizer": QUANTIZER_VERSION,
-            "calibration": {"rows": spec.measure_rows, "length": spec.length, "dataset": spec.dataset_name()}}  # fmt: skip
+    return {
+        "model": str(ctx.config.model_dir),
+        "quantizer": QUANTIZER_VERSION,
+        "calibration": {"rows": spec.measure_rows, "length": spec.length, "dataset": spec.dataset_name()},
+    }
 
 
 # --- measurement.json ------------------------------------------------------------------------

@@ -107,7 +107,9 @@ class TaskRunner:
         self._layer: tuple[int, DecoderLayer] | None = None
         self._measured: tuple[tuple[int, str, str], BlockRunner, Any] | None = None
         self._weights: dict[int, list[torch.Tensor] | None] = {}
-        self.heads: dict[Location, Any] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
+        self.heads: dict[
+            Location, Any
+        ] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
 
     def layer(self, index: int) -> DecoderLayer:
         if self._layer is None or self._layer[0] != index:
@@ -138,8 +140,10 @@ class TaskRunner:
             tensors = quantize_block(runner, task.block, ctx.store.rows(task.source, task.rows), plans, weights)
             folder = ctx.work / "quantized" / task.tier
             folder.mkdir(parents=True, exist_ok=True)
-            save_tensors(folder / f"layer-{task.layer}-{task.block}.safetensors",
-                         {f"{layer_prefix(task.layer)}{n}.{k}": v for n, d in tensors.items() for k, v in d.items()})  # fmt: skip
+            save_tensors(
+                folder / f"layer-{task.layer}-{task.block}.safetensors",
+                {f"{layer_prefix(task.layer)}{n}.{k}": v for n, d in tensors.items() for k, v in d.items()},
+            )
             return advance(ctx, runner, task.block, task.tier, task.source, task.rows)
         if isinstance(task, MeasureLinear):
             key = (task.layer, task.block, task.source)
@@ -150,7 +154,14 @@ class TaskRunner:
             _, runner, inputs = self._measured
             return measure_linear(runner, task.block, task.name, inputs)
         if isinstance(task, TierHead):
-            return quantize_head(ctx, self.heads, task.tier, task.location, task.reference, self.token_weights(ctx.config.calibration.rows))
+            return quantize_head(
+                ctx,
+                self.heads,
+                task.tier,
+                task.location,
+                task.reference,
+                self.token_weights(ctx.config.calibration.rows),
+            )
         raise TypeError(f"not a task: {task!r}")
 
 
@@ -205,15 +216,27 @@ class RayWorkers(Workers):
                 if config.ray_address is not None:
                     ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
                 else:  # a local cluster of exactly the workers asked for
-                    ray.init(address="local", num_cpus=config.workers * threads, include_dashboard=False, log_to_driver=False,
-                             logging_level=logging.WARNING, object_store_memory=OBJECT_STORE_BYTES)  # fmt: skip
+                    ray.init(
+                        address="local",
+                        num_cpus=config.workers * threads,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        object_store_memory=OBJECT_STORE_BYTES,
+                    )
             except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; all mean "no cluster"
-                raise WorkerError(f"--ray {config.ray_address or 'local'}: Ray did not start ({type(err).__name__}: {err})") from None
+                raise WorkerError(
+                    f"--ray {config.ray_address or 'local'}: Ray did not start ({type(err).__name__}: {err})"
+                ) from None
         gpus = 1 if Compute.for_device(config.device).device.type == "cuda" else 0
-        if config.ray_address is not None and config.workers == 1:  # --ray without --workers: as many as the cluster holds
+        if (
+            config.ray_address is not None and config.workers == 1
+        ):  # --ray without --workers: as many as the cluster holds
             resources = ray.cluster_resources()
             self.count = int(resources.get("GPU", 0)) if gpus else max(1, int(resources.get("CPU", 1) // threads))
-        actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)(_RayTaskRunner)
+        actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)(
+            _RayTaskRunner
+        )
         self.actors = [actor.remote(config, cfg, threads) for _ in range(self.count)]
 
     def map(self, tasks: Sequence[Task], on_done: OnDone = lambda t, w, r: None) -> list[Any]:
@@ -232,11 +255,15 @@ class RayWorkers(Workers):
             try:
                 results[index] = ray.get(done[0])
             except ray.exceptions.RayActorError as err:
-                raise WorkerError(f"worker {worker + 1} died {TASK_RETRIES + 1} times running {_describe(tasks[index])} "
-                                  f"({type(err).__name__}); the job is kept: run the same command with --resume") from None  # fmt: skip
+                raise WorkerError(
+                    f"worker {worker + 1} died {TASK_RETRIES + 1} times running {_describe(tasks[index])} "
+                    f"({type(err).__name__}); the job is kept: run the same command with --resume"
+                ) from None
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
-                raise (cause if isinstance(cause, Exception) else err) from None  # the task's own error: a UserError keeps its one line
+                raise (
+                    cause if isinstance(cause, Exception) else err
+                ) from None  # the task's own error: a UserError keeps its one line
             idle.append(worker)
             on_done(tasks[index], worker, results[index])
         return results
@@ -253,8 +280,13 @@ class _RayTaskRunner:
 
     def __init__(self, config: QuantizeConfig, cfg: PixtralConfig, threads: int):
         torch.set_num_threads(threads)
-        ctx = JobContext(config, cfg, Compute.for_device(config.device, config.damp),
-                         RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size), lambda event: None)  # fmt: skip
+        ctx = JobContext(
+            config,
+            cfg,
+            Compute.for_device(config.device, config.damp),
+            RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size),
+            lambda event: None,
+        )
         self.runner = TaskRunner(ctx)
 
     def run(self, task: Task) -> Any:
@@ -287,7 +319,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
-        raise WorkerError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); start one with `ray start --head`") from None
+        raise WorkerError(
+            f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); start one with `ray start --head`"
+        ) from None
 
 
 def connect_workers(config: QuantizeConfig, cfg: PixtralConfig) -> Workers | None:

@@ -76,10 +76,19 @@ def run_quantize(config: QuantizeConfig, progress: ProgressFn | None = None) -> 
             ray_workers.close()
 
 
-def _run_job(config: QuantizeConfig, cfg: PixtralConfig, tokenizer: PixtralTokenizer, progress: ProgressFn,
-             ray_workers: Workers | None) -> list[TierResult]:  # fmt: skip
+def _run_job(
+    config: QuantizeConfig,
+    cfg: PixtralConfig,
+    tokenizer: PixtralTokenizer,
+    progress: ProgressFn,
+    ray_workers: Workers | None,
+) -> list[TierResult]:
     state = _resumed_job(config)
-    if state is None and config.resume and all(is_finished_tier(Path(config.out_dir) / tier_name(b)) for b in config.tiers):
+    if (
+        state is None
+        and config.resume
+        and all(is_finished_tier(Path(config.out_dir) / tier_name(b)) for b in config.tiers)
+    ):
         return [_finished_tier(Path(config.out_dir) / tier_name(b)) for b in sorted(config.tiers)]  # nothing left to do
     state = state or _start_job(config, tokenizer, progress)
     store = RowStore(config.work_dir / "streams", config.calibration.length, cfg.text.hidden_size)
@@ -100,8 +109,11 @@ def _run_job(config: QuantizeConfig, cfg: PixtralConfig, tokenizer: PixtralToken
 def _resumed_job(config: QuantizeConfig) -> JobState | None:
     saved = load_state(config.work_dir) if config.resume else None
     if saved is not None and saved.fingerprint != config.fingerprint():
-        raise OptionError(f"{config.work_dir}: the job there used other settings ({describe_mismatch(saved.frozen, config.frozen())}); "
-                         "use the same settings with --resume, or --force to start over")  # fmt: skip
+        raise OptionError(
+            f"{config.work_dir}: the job there used other settings "
+            f"({describe_mismatch(saved.frozen, config.frozen())}); "
+            "use the same settings with --resume, or --force to start over"
+        )
     return saved
 
 
@@ -116,11 +128,22 @@ def _start_job(config: QuantizeConfig, tokenizer: PixtralTokenizer, progress: Pr
     if config.force and Path(config.out_dir).exists():
         shutil.rmtree(config.work_dir, ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    if config.measurement is not None and Path(config.measurement).resolve() != (Path(config.out_dir) / MEASUREMENT_FILE).resolve():
-        atomic_write_bytes(Path(config.out_dir) / MEASUREMENT_FILE, Path(config.measurement).read_bytes())  # every job leaves one
+    if (
+        config.measurement is not None
+        and Path(config.measurement).resolve() != (Path(config.out_dir) / MEASUREMENT_FILE).resolve()
+    ):
+        atomic_write_bytes(
+            Path(config.out_dir) / MEASUREMENT_FILE, Path(config.measurement).read_bytes()
+        )  # every job leaves one
     save_rows(config.work_dir / ROWS_FILE, rows)
     images = sum(len(r.images) for r in rows)
-    state = JobState(config.fingerprint(), config.frozen(), Stage.EMBED, images=images, timings={"calibrate": time.monotonic() - started})
+    state = JobState(
+        config.fingerprint(),
+        config.frozen(),
+        Stage.EMBED,
+        images=images,
+        timings={"calibrate": time.monotonic() - started},
+    )
     save_state(config.work_dir, state)
     progress(Progress("calibrate", 1, 1, f"{len(rows)} rows, {images} images"))
     return state
@@ -151,13 +174,31 @@ def stage_compile(ctx: JobContext, state: JobState, _workers: Workers) -> JobSta
         tier, out = tiers[name], Path(ctx.config.out_dir) / name
         if tier.compiled or (ctx.config.resume and is_finished_tier(out)):
             continue  # finished by this job (a kill can fall between the rename and the job update)
-        calibration = CalibrationInfo(spec.rows, spec.length, spec.dataset_name(), state.images, spec.image_token_weight)
-        metadata = EXL2Metadata(version=EXLLAMAV2_VERSION, bits=tier.target_bpw, head_bits=ctx.config.head_bits,
-                                source_model=Path(ctx.config.model_dir).resolve().name, calibration=calibration,
-                                quantizer=QUANTIZER_VERSION, decoder_bpw=round(tier.bpw, 4), head_bpw=round(tier.head_bpw or 0.0, 4),
-                                calibration_kl=tier.calibration_kl, measure_rows=spec.measure_rows)  # fmt: skip
-        write_exl2_checkpoint(out, ctx.config.model_dir, [*tier.plans, HEAD], _quantized_loader(ctx.work / "quantized" / name), metadata,
-                              ctx.config.shard_mb, force=True, extra_files=lambda tmp, m=metadata, t=name: _card(t, m, tmp))  # fmt: skip
+        calibration = CalibrationInfo(
+            spec.rows, spec.length, spec.dataset_name(), state.images, spec.image_token_weight
+        )
+        metadata = EXL2Metadata(
+            version=EXLLAMAV2_VERSION,
+            bits=tier.target_bpw,
+            head_bits=ctx.config.head_bits,
+            source_model=Path(ctx.config.model_dir).resolve().name,
+            calibration=calibration,
+            quantizer=QUANTIZER_VERSION,
+            decoder_bpw=round(tier.bpw, 4),
+            head_bpw=round(tier.head_bpw or 0.0, 4),
+            calibration_kl=tier.calibration_kl,
+            measure_rows=spec.measure_rows,
+        )
+        write_exl2_checkpoint(
+            out,
+            ctx.config.model_dir,
+            [*tier.plans, HEAD],
+            _quantized_loader(ctx.work / "quantized" / name),
+            metadata,
+            ctx.config.shard_mb,
+            force=True,
+            extra_files=lambda tmp, m=metadata, t=name: _card(t, m, tmp),
+        )
         tiers[name] = replace(tier, compiled=True)
         state = replace(state, tiers=tiers)
         save_state(ctx.work, state)
@@ -196,16 +237,32 @@ def _finished_tier(path: Path) -> TierResult:
     """A tier written earlier, as its config.json and files describe it."""
     meta = load_config(path).quantization
     assert meta is not None  # _is_exl2_dir said so
-    return TierResult(path.name, meta.bits, meta.decoder_bpw or meta.bits, meta.head_bpw or 0.0, weights_bytes(path),
-                      meta.calibration_kl or float("nan"), path)  # fmt: skip
+    return TierResult(
+        path.name,
+        meta.bits,
+        meta.decoder_bpw or meta.bits,
+        meta.head_bpw or 0.0,
+        weights_bytes(path),
+        meta.calibration_kl or float("nan"),
+        path,
+    )
 
 
 def _results(ctx: JobContext, state: JobState) -> list[TierResult]:
     out = []
     for name, tier in sorted(state.tiers.items(), key=lambda item: item[1].target_bpw):
         path = Path(ctx.config.out_dir) / name
-        out.append(TierResult(name, tier.target_bpw, tier.bpw, tier.head_bpw or 0.0, weights_bytes(path), tier.calibration_kl or float("nan"),
-                              path))  # fmt: skip
+        out.append(
+            TierResult(
+                name,
+                tier.target_bpw,
+                tier.bpw,
+                tier.head_bpw or 0.0,
+                weights_bytes(path),
+                tier.calibration_kl or float("nan"),
+                path,
+            )
+        )
     return out
 
 

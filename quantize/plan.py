@@ -90,14 +90,18 @@ def plan_tier(measurements: dict[str, LinearMeasurement], target_bpw: float) -> 
     return finish_tier(target_bpw, plans, {n: m.columns for n, m in measurements.items()}, budget, numel)
 
 
-def finish_tier(target_bpw: float, plans: dict[str, GroupPlan], columns: dict[str, int], budget: int, numel: int) -> TierPlan:
+def finish_tier(
+    target_bpw: float, plans: dict[str, GroupPlan], columns: dict[str, int], budget: int, numel: int
+) -> TierPlan:
     """Spend what the allocation left on finer scale groups, and total the bits."""
     bits = sum(storage_bits(plan, columns[name]) for name, plan in plans.items())
     plans, bits = refine_groups(plans, columns, budget - bits, bits)
     return TierPlan(target_bpw, plans, bits, numel)
 
 
-def refine_groups(plans: dict[str, GroupPlan], columns: dict[str, int], left: int, bits: int) -> tuple[dict[str, GroupPlan], int]:
+def refine_groups(
+    plans: dict[str, GroupPlan], columns: dict[str, int], left: int, bits: int
+) -> tuple[dict[str, GroupPlan], int]:
     """Split groups into 32-row groups (the widest, most important rows first) while bits are left.
 
     A finer scale grid never makes a group's fit worse and costs only a few bits per column, so
@@ -112,7 +116,9 @@ def refine_groups(plans: dict[str, GroupPlan], columns: dict[str, int], left: in
             for index, (width, rows) in enumerate(groups):
                 if rows <= FINE_GROUP_ROWS:
                     continue
-                finer = GroupPlan(tuple(groups[:index] + [(width, FINE_GROUP_ROWS)] * (rows // FINE_GROUP_ROWS) + groups[index + 1 :]))
+                finer = GroupPlan(
+                    tuple(groups[:index] + [(width, FINE_GROUP_ROWS)] * (rows // FINE_GROUP_ROWS) + groups[index + 1 :])
+                )
                 cost = storage_bits(finer, columns[name]) - storage_bits(plans[name], columns[name])
                 if cost <= left:
                     plans[name], left, bits, changed = finer, left - cost, bits + cost, True
@@ -139,10 +145,14 @@ def qparams_plan(qparams: dict[str, Any], rows: int) -> GroupPlan:
     if not isinstance(group_size, dict):
         group_size = {b: group_size for b in qparams["bits"]}
     sizes = {int(b): int(s) for b, s in group_size.items()}
-    return GroupPlan.from_proportions(rows, [int(b) for b in qparams["bits"]], [float(p) for p in qparams["bits_prop"]], sizes)
+    return GroupPlan.from_proportions(
+        rows, [int(b) for b in qparams["bits"]], [float(p) for p in qparams["bits_prop"]], sizes
+    )
 
 
-def plan_tier_exllamav2(data: dict[str, Any], shapes: dict[str, tuple[int, int]], target_bpw: float, source: str) -> TierPlan:
+def plan_tier_exllamav2(
+    data: dict[str, Any], shapes: dict[str, tuple[int, int]], target_bpw: float, source: str
+) -> TierPlan:
     """Choose one measured row per block so the decoder lands near `target_bpw`."""
     blocks: dict[str, list[str]] = {}
     for prefix in shapes:

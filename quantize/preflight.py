@@ -43,12 +43,17 @@ def check_model(model_dir: Path) -> tuple[PixtralConfig, PixtralTokenizer]:
         floats = {d: n for d, n in dtypes.items() if d in FLOAT_DTYPES}
         if len(floats) > 1:
             listing = ", ".join(f"{d} (e.g. {n})" for d, n in sorted(floats.items()))
-            raise WeightsError(f"{model_dir}: mixed float dtypes {listing}; expected one dtype for the whole checkpoint")
+            raise WeightsError(
+                f"{model_dir}: mixed float dtypes {listing}; expected one dtype for the whole checkpoint"
+            )
         for prefix, (rows, _) in linear_shapes(cfg).items():
             if prefix + ".weight" not in ckpt:
                 raise WeightsError(f"{model_dir}: tensor {prefix}.weight missing (needed by config.json)")
             if ckpt.shape(prefix + ".weight")[1] != rows:
-                raise WeightsError(f"{ckpt.shard_of(prefix + '.weight')}: {prefix}.weight has {ckpt.shape(prefix + '.weight')[1]} inputs, config says {rows}")
+                raise WeightsError(
+                    f"{ckpt.shard_of(prefix + '.weight')}: {prefix}.weight has {ckpt.shape(prefix + '.weight')[1]} "
+                    f"inputs, config says {rows}"
+                )
     return cfg, tokenizer
 
 
@@ -98,11 +103,15 @@ def check_options(config: QuantizeConfig, cfg: PixtralConfig) -> None:
         if config.ray_address is not None:
             ray_host_port(config.ray_address)
     if config.head_bits not in HEAD_OPTIONS:
-        raise OptionError(f"--head-bits: expected one of {', '.join(map(str, sorted(HEAD_OPTIONS)))}, got {config.head_bits}")
+        raise OptionError(
+            f"--head-bits: expected one of {', '.join(map(str, sorted(HEAD_OPTIONS)))}, got {config.head_bits}"
+        )
     lowest = minimum_bpw(linear_shapes(cfg))
     for bpw in config.tiers:
         if not lowest <= bpw <= MAX_BPW:
-            raise OptionError(f"--bpw: {bpw:g} is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW:g})")
+            raise OptionError(
+                f"--bpw: {bpw:g} is outside what EXL2 reaches for this model ({lowest:.3f} to {MAX_BPW:g})"
+            )
     _check_disk(config, cfg)
 
 
@@ -114,9 +123,13 @@ def _check_disk(config: QuantizeConfig, cfg: PixtralConfig) -> None:
         place = place.parent
     free = shutil.disk_usage(place).free
     if need > DISK_HEADROOM * free:
-        raise OptionError(f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: the job "
-                          f"needs about {need / 2**30:.1f} GiB of disk under {place}, {free / 2**30:.1f} GiB are free; lower --rows or "
-                          "--length, or quantize fewer tiers per run (reuse OUT/measurement.json with --measurement)")  # fmt: skip
+        raise OptionError(
+            f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: "
+            "the job "
+            f"needs about {need / 2**30:.1f} GiB of disk under {place}, {free / 2**30:.1f} GiB are free; lower "
+            "--rows or "
+            "--length, or quantize fewer tiers per run (reuse OUT/measurement.json with --measurement)"
+        )
 
 
 def check_plan(config: QuantizeConfig, cfg: PixtralConfig) -> None:
@@ -153,9 +166,15 @@ def check_output_dir(config: QuantizeConfig) -> None:
             check_replaceable(tier, True, "quantize")
         return
     # a .work without a saved job is a job stopped before its first save point: --resume starts it again
-    if load_state(config.work_dir) is None and not config.work_dir.is_dir() and not all(is_finished_tier(out_dir / tier_name(b)) for b in config.tiers):
-        raise OutputError(f"{out_dir}: holds no unfinished quantize job to resume; pass --force to start over there "
-                          "(only its tiers, measurement.json and .work are replaced)")  # fmt: skip
+    if (
+        load_state(config.work_dir) is None
+        and not config.work_dir.is_dir()
+        and not all(is_finished_tier(out_dir / tier_name(b)) for b in config.tiers)
+    ):
+        raise OutputError(
+            f"{out_dir}: holds no unfinished quantize job to resume; pass --force to start over there "
+            "(only its tiers, measurement.json and .work are replaced)"
+        )
 
 
 def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
@@ -165,13 +184,17 @@ def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
         blocks = sorted({prefix.rpartition(".")[0] for prefix in shapes})
         missing = [b for b in blocks if not data["measurement"].get(b)]
         if missing:
-            raise MeasurementError(f"{path}: no measurement for {missing[0]} ({len(missing)} blocks missing); it belongs to another model")
+            raise MeasurementError(
+                f"{path}: no measurement for {missing[0]} ({len(missing)} blocks missing); it belongs to another model"
+            )
         return
     measurements = measurement_from_json(data, str(path))
     for name, (rows, columns) in shapes.items():
         m = measurements.get(name)
         if m is None or (m.rows, m.columns) != (rows, columns):
-            raise MeasurementError(f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model")
+            raise MeasurementError(
+                f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model"
+            )
 
 
 def tier_bytes(cfg: PixtralConfig, bpw: float, head_bits: int) -> int:
@@ -180,15 +203,20 @@ def tier_bytes(cfg: PixtralConfig, bpw: float, head_bits: int) -> int:
     counts, t = parameter_counts(cfg), cfg.text
     head = t.vocab_size * t.hidden_size
     fp16 = counts["total"] - counts["decoder_linears"] - head
-    return int(counts["decoder_linears"] * bpw / 8 + storage_bits(head_plan(t.hidden_size, head_bits), t.vocab_size) / 8 + 2 * fp16)
+    return int(
+        counts["decoder_linears"] * bpw / 8
+        + storage_bits(head_plan(t.hidden_size, head_bits), t.vocab_size) / 8
+        + 2 * fp16
+    )
 
 
 def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
     """Peak host RAM (computing on the CPU) and peak disk of a job, from the shapes the code handles.
 
-    RAM (per worker; `ram_all_workers` for --workers N on one host): the largest of (a) measuring the widest linear: its layer in fp32, the measurement rows and
-    their reference outputs, the four Hessians and their factors, GPTQ's three work matrices plus up to
-    three snapshots of them, two weight copies; (b) a tier's head: the head weight and three work
+    RAM (per worker; `ram_all_workers` for --workers N on one host): the largest of (a) measuring the
+    widest linear: its layer in fp32, the measurement rows and their reference outputs, the four
+    Hessians and their factors, GPTQ's three work matrices plus up to three snapshots of them, two
+    weight copies; (b) a tier's head: the head weight and three work
     matrices, and the fp16 reference distributions the calibration KL is taken against.
     Disk: the row states (streams.disk_bytes) plus every tier's quantized tensors before compiling.
     """
@@ -200,8 +228,14 @@ def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
     hessians = 2 * 4 * sum(k * k for k in groups.values())
     widest = max(pad_columns(n) * k for n, k in shapes.values())
     measure = layer + 2 * rows + hessians + 4 * widest * (3 + 3 + 2) + spec.length * t.intermediate_size * 4 * 3
-    head = 4 * pad_columns(t.vocab_size) * t.hidden_size * 4 + spec.measure_rows * 64 * t.vocab_size * 2 + 2 * 4 * t.hidden_size**2
+    head = (
+        4 * pad_columns(t.vocab_size) * t.hidden_size * 4
+        + spec.measure_rows * 64 * t.vocab_size * 2
+        + 2 * 4 * t.hidden_size**2
+    )
     params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
-    disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(params * sum(config.tiers) / 8)
+    disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(
+        params * sum(config.tiers) / 8
+    )
     ram = int(max(measure, head))  # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA)
     return {"ram": ram, "ram_all_workers": ram * config.workers, "disk": int(disk)}  # the row states are shared on disk

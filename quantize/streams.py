@@ -98,7 +98,9 @@ class RowStore:
         with open(self._path(location), "rb") as handle:
             data = os.pread(handle.fileno(), self.record, row * self.record)
         if len(data) != self.record:
-            raise OSError(f"{self._path(location)}: row {row} is missing (a damaged work directory; start over with --force)")
+            raise OSError(
+                f"{self._path(location)}: row {row} is missing (a damaged work directory; start over with --force)"
+            )
         return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.shape).copy())
 
     def rows(self, location: Location, count: int) -> Iterator[torch.Tensor]:

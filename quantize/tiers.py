@@ -36,7 +36,11 @@ KL_POSITIONS = 64  # positions per row the calibration KL is taken at (its refer
 
 
 def quantize_block(
-    runner: BlockRunner, block: str, states: Iterable[Tensor], plans: dict[str, GroupPlan], weights: Sequence[Tensor] | None = None
+    runner: BlockRunner,
+    block: str,
+    states: Iterable[Tensor],
+    plans: dict[str, GroupPlan],
+    weights: Sequence[Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """GPTQ every linear of the block with its layout; the runner's layer then holds the quantized
     weights (run it for the block's outputs). Returns the EXL2 tensors per linear."""
@@ -76,7 +80,9 @@ class HeadQuantizer:
         for index, state in enumerate(states):
             accumulator.token_weight = weights[index] if weights else None
             accumulator.add(self.norm(state.to(self.compute.device, self.compute.dtype)))
-        return gptq_quantize(self.W, prepare_hessian(accumulator.result(), self.compute.damp), plan, group=self.compute.group)
+        return gptq_quantize(
+            self.W, prepare_hessian(accumulator.result(), self.compute.damp), plan, group=self.compute.group
+        )
 
     def kl(self, states: Iterable[Tensor], weight: Tensor) -> float:
         """Mean over the measurement rows' sampled positions of KL(fp16 ‖ tier)."""
@@ -111,7 +117,9 @@ def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
         def report(task: Task, worker: int, _result: object, layer: int = layer) -> None:
             if isinstance(task, TierBlock):
                 where = f" (worker {worker + 1})" if workers.count > 1 else ""
-                ctx.progress(Progress("quantize", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.tier}{where}"))
+                ctx.progress(
+                    Progress("quantize", next(done), total, f"layer {layer + 1}/{ctx.layers}, {task.tier}{where}")
+                )
 
         for task, target in zip(tasks, workers.map(tasks, report)):
             streams[task.tier if isinstance(task, TierBlock) else task.stream] = target
@@ -144,8 +152,14 @@ def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
 
 
 @torch.no_grad()
-def quantize_head(ctx: JobContext, heads: dict[Location, HeadQuantizer], tier: str, location: Location, reference: Location,
-                  weights: Sequence[Tensor] | None) -> tuple[float, float]:  # fmt: skip
+def quantize_head(
+    ctx: JobContext,
+    heads: dict[Location, HeadQuantizer],
+    tier: str,
+    location: Location,
+    reference: Location,
+    weights: Sequence[Tensor] | None,
+) -> tuple[float, float]:
     """One tier's head on its final stream (tensors saved in the work directory), its rows weighted by
     `weights`; returns its bpw and calibration KL. `heads` keeps the fp16 reference per reference
     stream for the next tier."""
@@ -153,13 +167,18 @@ def quantize_head(ctx: JobContext, heads: dict[Location, HeadQuantizer], tier: s
         with Checkpoint(ctx.config.model_dir) as ckpt:
             norm = RMSNorm(ctx.cfg.text.hidden_size, ctx.cfg.text.rms_norm_eps).to(ctx.compute.device)
             norm.weight.data = ckpt.get("language_model.model.norm.weight").to(ctx.compute.device, ctx.compute.dtype)
-            heads[reference] = HeadQuantizer(norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute)
+            heads[reference] = HeadQuantizer(
+                norm, ckpt.get(f"{HEAD}.weight").to(ctx.compute.device, ctx.compute.dtype), ctx.compute
+            )
         for row in ctx.store.rows(reference, ctx.config.calibration.measure_rows):
             heads[reference].add_reference(row)
     quantizer, rows, count = heads[reference], ctx.config.calibration.rows, ctx.config.calibration.measure_rows
     plan = head_plan(quantizer.W.shape[1], ctx.config.head_bits)
     result = quantizer.quantize(ctx.store.rows(location, rows), plan, weights)
-    save_tensors(ctx.work / "quantized" / tier / "head.safetensors", {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()})
+    save_tensors(
+        ctx.work / "quantized" / tier / "head.safetensors",
+        {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()},
+    )
     kl = quantizer.kl(ctx.store.rows(location, count), result.weight)
     return bits_per_weight(plan, result.codes.shape[1]), kl
 

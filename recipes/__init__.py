@@ -32,7 +32,9 @@ def load_recipe(name: str) -> dict[str, Any]:
     """A shipped recipe by name, or any TOML file by path."""
     path = Path(name) if name.endswith(".toml") else RECIPE_DIR / f"{name}.toml"
     if not path.is_file():
-        raise RecipeError(f"recipe {name!r} not found (shipped recipes: {', '.join(recipe_names())}; or give a path to a .toml file)")
+        raise RecipeError(
+            f"recipe {name!r} not found (shipped recipes: {', '.join(recipe_names())}; or give a path to a .toml file)"
+        )
     try:
         recipe = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

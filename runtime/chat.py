@@ -101,9 +101,10 @@ class ChatSession:
         except ValueError as err:
             raise ChatError(f"{path}: not a saved chat (invalid JSON: {err})") from err
         messages = data.get("messages") if isinstance(data, dict) else data
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
-                                                     for m in messages):  # fmt: skip
-            raise ChatError(f"{path}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool") for m in messages
+        ):
+            raise ChatError(f'{path}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
         for part in image_parts(messages):
             url = (part.get("image_url") or {}).get("url", "")
             self._load_image(url_path(url))  # every picture must still be there

@@ -53,7 +53,11 @@ class Usage:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return (self.completion_tokens - 1) / self.decode_seconds if self.completion_tokens > 1 and self.decode_seconds > 0 else 0.0
+        return (
+            (self.completion_tokens - 1) / self.decode_seconds
+            if self.completion_tokens > 1 and self.decode_seconds > 0
+            else 0.0
+        )
 
 
 @dataclass
@@ -164,8 +168,13 @@ class Engine:
     def close(self) -> None:
         self.backend.close()
 
-    def chat_prompt(self, messages: list[dict[str, Any]], images: Sequence[PromptImage] = (), tools: list[dict[str, Any]] | None = None,
-                    continue_final_message: bool = False) -> Prompt:  # fmt: skip
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        images: Sequence[PromptImage] = (),
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+    ) -> Prompt:
         """The prompt of a conversation whose image parts are `images` (in order)."""
         if images:
             self.require_vision()
@@ -176,14 +185,18 @@ class Engine:
         images too), text that cannot fit the context whatever its tokens: counting bytes is cheap."""
         least = self.tokenizer.min_tokens(_text_bytes(texts))
         if least >= self.max_seq_len:
-            raise ContextError(f"the prompt is at least {least} tokens (its text alone) but the context holds "
-                               f"{self.max_seq_len}; shorten it or raise the context length")  # fmt: skip
+            raise ContextError(
+                f"the prompt is at least {least} tokens (its text alone) but the context holds "
+                f"{self.max_seq_len}; shorten it or raise the context length"
+            )
 
     def require_vision(self) -> None:
         """Refuse images on a model without a vision tower, or where they are refused (`images_refused`):
         the one place that decides; callers may ask before costly work on the images."""
         if not self.backend.has_vision:
-            raise ImageError("this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images")
+            raise ImageError(
+                "this model has no vision tower (its checkpoint holds no vision_tower.* tensors); it cannot take images"
+            )
         if self.images_refused:
             raise ImageError(self.images_refused)
 
@@ -193,8 +206,10 @@ class Engine:
             raise ContextError("the prompt is empty")
         room = self.max_seq_len - len(prompt)
         if room < 1:
-            raise ContextError(f"the prompt is {len(prompt)} tokens but the context holds {self.max_seq_len} "
-                               "(prompt plus at least one new token); shorten it or raise the context length")  # fmt: skip
+            raise ContextError(
+                f"the prompt is {len(prompt)} tokens but the context holds {self.max_seq_len} "
+                "(prompt plus at least one new token); shorten it or raise the context length"
+            )
         return room
 
     def stream(self, prompt: Prompt, params: GenerationParams = GenerationParams()) -> Iterator[Chunk]:
@@ -203,7 +218,9 @@ class Engine:
         budget = min(room, params.max_new_tokens) if params.max_new_tokens is not None else room
         eos = set() if params.ignore_eos else {self.tokenizer.eos_id}
         stop_ids = frozenset(eos | set(params.stop_token_ids))
-        request = GenerationRequest(prompt, params.sampling, budget, stop_ids, params.logprobs or 0, params.logprobs is not None)
+        request = GenerationRequest(
+            prompt, params.sampling, budget, stop_ids, params.logprobs or 0, params.logprobs is not None
+        )
         started = time.perf_counter()
         tokens = self.backend.stream(request)
         text, stops = TextStream(self.tokenizer), StopMatcher(params.stop)

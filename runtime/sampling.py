@@ -51,7 +51,9 @@ class SamplingParams:
 
 def apply_penalties(logits: Tensor, history: Sequence[int], params: SamplingParams) -> Tensor:
     """Repetition (divide positive / multiply negative logits), presence and frequency penalties."""
-    if not history or (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
+    if not history or (
+        params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    ):
         return logits
     window = history[-params.penalty_range :] if params.penalty_range else history
     ids, counts = torch.unique(torch.as_tensor(list(window), device=logits.device), return_counts=True)
@@ -126,7 +128,9 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def next_token(logits: Tensor, history: Sequence[int], params: SamplingParams, generator: torch.Generator | None = None) -> int:
+def next_token(
+    logits: Tensor, history: Sequence[int], params: SamplingParams, generator: torch.Generator | None = None
+) -> int:
     """The next token: the argmax when greedy (no distribution built), else a draw from logits_to_probs."""
     if params.greedy:
         return int(torch.argmax(apply_penalties(logits, history, params)))

@@ -66,12 +66,30 @@ def demo_tiers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     root = tmp_path_factory.mktemp("standin")
     demo = write_demo_model(root / "demo")
     runner = CliRunner()
-    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--bpw", ",".join(STANDIN_TIERS)])
+    result = runner.invoke(
+        app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--bpw", ",".join(STANDIN_TIERS)]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2-h8"), "--recipe", "demo", "--bpw", "4.0",
-                                 "--head-bits", "8", "--measurement", str(root / "exl2" / "measurement.json")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(demo),
+            str(root / "exl2-h8"),
+            "--recipe",
+            "demo",
+            "--bpw",
+            "4.0",
+            "--head-bits",
+            "8",
+            "--measurement",
+            str(root / "exl2" / "measurement.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    tiers = {f"{t}bpw": root / "exl2" / f"{t}bpw" for t in STANDIN_TIERS} | {"4.0bpw-head8": root / "exl2-h8" / "4.0bpw"}
+    tiers = {f"{t}bpw": root / "exl2" / f"{t}bpw" for t in STANDIN_TIERS} | {
+        "4.0bpw-head8": root / "exl2-h8" / "4.0bpw"
+    }
     return demo, tiers
 
 
@@ -80,9 +98,9 @@ def demo_tiers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 PARAMS = {
     "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
     "rope_theta": 1e9, "norm_eps": 1e-5, "vocab_size": 32768,
-    "vision_encoder": {"hidden_size": 32, "num_channels": 3, "image_size": 1024, "patch_size": 16, "rope_theta": 10000.0,
-                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_token_id": 10,
-                       "adapter_bias": False},
+    "vision_encoder": {"hidden_size": 32, "num_channels": 3, "image_size": 1024, "patch_size": 16,
+                       "rope_theta": 10000.0, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_token_id": 10, "adapter_bias": False},
 }  # fmt: skip
 
 
@@ -98,26 +116,41 @@ def native_weights(params: dict, bias: bool, seed: int = 0) -> dict[str, torch.T
     def gain(n: int) -> torch.Tensor:
         return 1 + 0.2 * torch.randn(n, generator=gen)
 
-    out = {"tok_embeddings.weight": torch.randn(params["vocab_size"], d, generator=gen), "norm.weight": gain(d),
-           "output.weight": w(params["vocab_size"], d), "vision_encoder.patch_conv.weight": w(vd, 3, 16, 16) / 16,
-           "vision_encoder.ln_pre.weight": gain(vd), "vision_language_adapter.w_in.weight": w(d, vd),
-           "vision_language_adapter.w_out.weight": w(d, d)}  # fmt: skip
+    out = {
+        "tok_embeddings.weight": torch.randn(params["vocab_size"], d, generator=gen),
+        "norm.weight": gain(d),
+        "output.weight": w(params["vocab_size"], d),
+        "vision_encoder.patch_conv.weight": w(vd, 3, 16, 16) / 16,
+        "vision_encoder.ln_pre.weight": gain(vd),
+        "vision_language_adapter.w_in.weight": w(d, vd),
+        "vision_language_adapter.w_out.weight": w(d, d),
+    }
     if bias:
         out["vision_language_adapter.w_in.bias"] = 0.1 * torch.randn(d, generator=gen)
         out["vision_language_adapter.w_out.bias"] = 0.1 * torch.randn(d, generator=gen)
     for i in range(params["n_layers"]):
         p = f"layers.{i}."
-        out |= {p + "attention_norm.weight": gain(d), p + "ffn_norm.weight": gain(d),
-                p + "attention.wq.weight": w(params["n_heads"] * hd, d), p + "attention.wk.weight": w(params["n_kv_heads"] * hd, d),
-                p + "attention.wv.weight": w(params["n_kv_heads"] * hd, d), p + "attention.wo.weight": w(d, params["n_heads"] * hd),
-                p + "feed_forward.w1.weight": w(params["hidden_dim"], d), p + "feed_forward.w3.weight": w(params["hidden_dim"], d),
-                p + "feed_forward.w2.weight": w(d, params["hidden_dim"])}  # fmt: skip
+        out |= {
+            p + "attention_norm.weight": gain(d),
+            p + "ffn_norm.weight": gain(d),
+            p + "attention.wq.weight": w(params["n_heads"] * hd, d),
+            p + "attention.wk.weight": w(params["n_kv_heads"] * hd, d),
+            p + "attention.wv.weight": w(params["n_kv_heads"] * hd, d),
+            p + "attention.wo.weight": w(d, params["n_heads"] * hd),
+            p + "feed_forward.w1.weight": w(params["hidden_dim"], d),
+            p + "feed_forward.w3.weight": w(params["hidden_dim"], d),
+            p + "feed_forward.w2.weight": w(d, params["hidden_dim"]),
+        }
     for i in range(v["num_hidden_layers"]):
         p = f"vision_encoder.transformer.layers.{i}."
-        out |= {p + "attention_norm.weight": gain(vd), p + "ffn_norm.weight": gain(vd),
-                **{p + f"attention.w{x}.weight": w(vd, vd) for x in "qkvo"},
-                p + "feed_forward.w1.weight": w(v["intermediate_size"], vd), p + "feed_forward.w3.weight": w(v["intermediate_size"], vd),
-                p + "feed_forward.w2.weight": w(vd, v["intermediate_size"])}  # fmt: skip
+        out |= {
+            p + "attention_norm.weight": gain(vd),
+            p + "ffn_norm.weight": gain(vd),
+            **{p + f"attention.w{x}.weight": w(vd, vd) for x in "qkvo"},
+            p + "feed_forward.w1.weight": w(v["intermediate_size"], vd),
+            p + "feed_forward.w3.weight": w(v["intermediate_size"], vd),
+            p + "feed_forward.w2.weight": w(vd, v["intermediate_size"]),
+        }
     return out
 
 
@@ -131,9 +164,10 @@ def write_native(root: Path, params: dict, tokenizer: str, bias: bool, shards: i
     for s in range(shards):
         part = {n: tensors[n].to(torch.bfloat16) for n in names[s::shards]}
         save_file(part, str(root / f"consolidated-{s + 1:05d}-of-{shards:05d}.safetensors"))
-    shutil.copy(bundled_tokenizer_path(tokenizer), root / ("tekken.json" if tokenizer == "tekken" else "tokenizer.model.v7m1"))
+    shutil.copy(
+        bundled_tokenizer_path(tokenizer), root / ("tekken.json" if tokenizer == "tekken" else "tokenizer.model.v7m1")
+    )
     return root
-
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,10 @@ def test_module_level_imports_have_no_cycle() -> None:
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     """The walker is not vacuous: an upward import in the model library is found, at any depth."""
     probe = tmp_path / "probe.py"
-    probe.write_text("from quantize.gptq import gptq_quantize\n\ndef f():\n    from calibration import rows\n    from tests.support import synthetic\n")
+    probe.write_text(
+        "from quantize.gptq import gptq_quantize\n\ndef f():\n    from calibration import rows\n    from "
+        "tests.support import synthetic\n"
+    )
     found = _imports("pixtral.probe", probe, top_level_only=False)
     assert {"quantize.gptq", "calibration", "tests.support"} <= found
     assert _imports("pixtral.probe", probe, top_level_only=True) == {"quantize.gptq", "quantize.gptq.gptq_quantize"}
@@ -111,5 +114,8 @@ def test_the_server_uses_the_engine_s_public_surface_only(tmp_path: Path) -> Non
     found = [hit for path in sorted((ROOT / "runtime" / "server").rglob("*.py")) for hit in _reach_throughs(path)]
     assert not found, "\n".join(found)
     probe = tmp_path / "probe.py"
-    probe.write_text("def f(loaded, engine):\n    loaded.engine.backend.cfg\n    engine.backend\n    getattr(engine, '_worker')\n    loaded._x\n")
+    probe.write_text(
+        "def f(loaded, engine):\n    loaded.engine.backend.cfg\n    engine.backend\n    getattr(engine, "
+        "'_worker')\n    loaded._x\n"
+    )
     assert len(_reach_throughs(probe)) == 4

@@ -1,1 +1,2 @@
-"""The EXL2 format, both sides: bit layout, packing, metadata, the checkpoint reader and writer, dequantized linears, inspection."""
+"""The EXL2 format, both sides: bit layout, packing, metadata, the checkpoint reader and writer,
+dequantized linears, inspection."""

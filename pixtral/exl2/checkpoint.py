@@ -22,7 +22,14 @@ from pixtral.text import DECODER_LINEARS, LAYER_PREFIX
 from pixtral.weights import Checkpoint, tensor_nbytes
 
 EXL2_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
-EXL2_DTYPES = {"q_weight": "I32", "q_scale": "I32", "q_scale_max": "F16", "q_groups": "I16", "q_invperm": "I32", "bias": "F16"}
+EXL2_DTYPES = {
+    "q_weight": "I32",
+    "q_scale": "I32",
+    "q_scale_max": "F16",
+    "q_groups": "I16",
+    "q_invperm": "I32",
+    "bias": "F16",
+}
 
 
 def validate_layer(prefix: str, tensors: dict[str, torch.Tensor], where: str = "") -> GroupPlan:
@@ -100,7 +107,9 @@ class EXL2Checkpoint:
             if name in self.weights:
                 stored = self.weights.dtype(name)
                 if stored != EXL2_DTYPES[suffix]:
-                    raise FormatError(f"{self.weights.shard_of(name)}: {name} is {stored}, expected {EXL2_DTYPES[suffix]}")
+                    raise FormatError(
+                        f"{self.weights.shard_of(name)}: {name} is {stored}, expected {EXL2_DTYPES[suffix]}"
+                    )
                 out[suffix] = self.weights.get(name)
         return out, validate_layer(prefix, out, str(self.model_dir))
 

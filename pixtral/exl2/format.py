@@ -142,7 +142,9 @@ def parse_q_groups(q_groups: Tensor, packed_rows: int, name: str = "q_groups") -
     groups = []
     for index, (b, start, end) in enumerate(zip(bits, starts, ends)):
         if b not in EXL2_BITS or end <= start or (end - start) * 32 % b:
-            raise FormatError(f"{name}: group {index} ({b} bits, packed rows {start}..{end}) is inconsistent with q_weight")
+            raise FormatError(
+                f"{name}: group {index} ({b} bits, packed rows {start}..{end}) is inconsistent with q_weight"
+            )
         groups.append((b, (end - start) * 32 // b))
     try:
         return GroupPlan(tuple(groups))

@@ -29,5 +29,7 @@ class EXL2LinearLoader:
         linear = nn.Linear(weight.shape[1], out_features, bias="bias" in tensors, device="meta")
         linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
         if "bias" in tensors:
-            linear.bias = nn.Parameter(tensors["bias"][:out_features].to(device=device, dtype=dtype), requires_grad=False)
+            linear.bias = nn.Parameter(
+                tensors["bias"][:out_features].to(device=device, dtype=dtype), requires_grad=False
+            )
         return linear

@@ -70,9 +70,20 @@ class EXL2Metadata:
         if not isinstance(calibration, dict):
             raise MetadataError(f"{where}.calibration: expected an object")
         kinds = {"rows": int, "length": int, "dataset": str, "images": int, "image_token_weight": float}
-        info = CalibrationInfo(**{k: _typed(calibration.get(k), kind, f"{where}.calibration.{k}") for k, kind in kinds.items()})
-        top = {"version": str, "bits": float, "head_bits": int, "source_model": str, "quantizer": str, "decoder_bpw": float,
-               "head_bpw": float, "calibration_kl": float, "measure_rows": int}  # fmt: skip
+        info = CalibrationInfo(
+            **{k: _typed(calibration.get(k), kind, f"{where}.calibration.{k}") for k, kind in kinds.items()}
+        )
+        top = {
+            "version": str,
+            "bits": float,
+            "head_bits": int,
+            "source_model": str,
+            "quantizer": str,
+            "decoder_bpw": float,
+            "head_bpw": float,
+            "calibration_kl": float,
+            "measure_rows": int,
+        }
         values = {k: _typed(data.get(k), kind, f"{where}.{k}") for k, kind in top.items()}
         return EXL2Metadata(calibration=info, **values)
 
@@ -87,4 +98,6 @@ def _typed(value: Any, kind: type, where: str) -> Any:
         return value
     if kind is str and isinstance(value, str):
         return value
-    raise MetadataError(f"{where}: expected {'a number' if kind is float else 'an integer' if kind is int else 'text'}, got {value!r}")
+    raise MetadataError(
+        f"{where}: expected {'a number' if kind is float else 'an integer' if kind is int else 'text'}, got {value!r}"
+    )

@@ -61,8 +61,11 @@ class InspectReport:
         """The `inspect --json` document (config.json's own `quantization_config` spelling)."""
         out = asdict(self)
         del out["quantization"]
-        return {"model_dir": out.pop("model_dir"),
-                "quantization_config": self.quantization.to_json() if self.quantization else None, **out}  # fmt: skip
+        return {
+            "model_dir": out.pop("model_dir"),
+            "quantization_config": self.quantization.to_json() if self.quantization else None,
+            **out,
+        }
 
 
 def inspect_checkpoint(model_dir: str | Path) -> InspectReport:
@@ -70,7 +73,10 @@ def inspect_checkpoint(model_dir: str | Path) -> InspectReport:
     model_dir = Path(model_dir)
     with EXL2Checkpoint(model_dir) as ckpt:
         if not ckpt.layers:
-            raise FormatError(f"{model_dir}: not an EXL2 checkpoint (no *.q_weight tensors); `pixtral-exl2 info` describes fp16 models")
+            raise FormatError(
+                f"{model_dir}: not an EXL2 checkpoint (no *.q_weight tensors); `pixtral-exl2 info` describes fp16 "
+                "models"
+            )
         summaries = [ckpt.summary(prefix) for prefix in ckpt.layers]
         head_bpw = ckpt.head_bpw(summaries)
         kept: dict[str, KeptPart] = {}
@@ -81,8 +87,18 @@ def inspect_checkpoint(model_dir: str | Path) -> InspectReport:
             part.params += math.prod(ckpt.weights.shape(name))
             if ckpt.weights.dtype(name) not in part.dtypes:
                 part.dtypes = sorted([*part.dtypes, ckpt.weights.dtype(name)])
-        layers = [LayerReport(s.name, s.in_features, s.out_features, s.plan.describe(), _bits_histogram(s), round(s.bpw, 4), s.file_bytes)
-                  for s in summaries]  # fmt: skip
+        layers = [
+            LayerReport(
+                s.name,
+                s.in_features,
+                s.out_features,
+                s.plan.describe(),
+                _bits_histogram(s),
+                round(s.bpw, 4),
+                s.file_bytes,
+            )
+            for s in summaries
+        ]
         return InspectReport(
             model_dir=str(model_dir),
             quantization=ckpt.config.quantization,

@@ -35,7 +35,12 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
     hidden files (the source's output marker, editor or temp files) are not the model's."""
     copied = []
     for path in sorted(source_dir.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(WEIGHT_FILE_SUFFIXES) and path.name not in INDEX_FILES:
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and not path.name.endswith(WEIGHT_FILE_SUFFIXES)
+            and path.name not in INDEX_FILES
+        ):
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied
@@ -79,7 +84,9 @@ def write_exl2_checkpoint(
         config = with_top_level_context(json.loads((source_dir / "config.json").read_text(encoding="utf-8")))
         config["quantization_config"] = metadata.to_json()
         write_json(tmp / "config.json", config)
-        for name, data in (extra_files(tmp) if extra_files else {}).items():  # e.g. the model card, which needs the shard sizes
+        for name, data in (
+            extra_files(tmp) if extra_files else {}
+        ).items():  # e.g. the model card, which needs the shard sizes
             (tmp / name).write_bytes(data)
     return Path(out_dir)
 

@@ -42,7 +42,9 @@ def resolve_backend(name: str) -> str:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_backend(model_dir: str | Path, config: BackendConfig = BackendConfig(), progress: Callable[[int, int], None] | None = None) -> Backend:
+def load_backend(
+    model_dir: str | Path, config: BackendConfig = BackendConfig(), progress: Callable[[int, int], None] | None = None
+) -> Backend:
     """Load `model_dir` (an EXL2 tier or an fp16 source) on the chosen backend."""
     name = resolve_backend(config.backend)
     if config.max_seq_len is not None and config.max_seq_len < 16:
@@ -51,7 +53,9 @@ def load_backend(model_dir: str | Path, config: BackendConfig = BackendConfig(),
         from runtime.backends.exllamav2 import ExLlamaV2Backend
 
         split = list(config.gpu_split) if config.gpu_split else None
-        return ExLlamaV2Backend(model_dir, config.max_seq_len, config.cache_mode, split, config.max_batch_size, progress)
+        return ExLlamaV2Backend(
+            model_dir, config.max_seq_len, config.cache_mode, split, config.max_batch_size, progress
+        )
     from runtime.backends.reference import ReferenceBackend
 
     if config.dtype is not None and config.dtype not in DTYPES:

@@ -116,7 +116,9 @@ class ImageCache(Generic[Encoded]):
         self.size = size
         self._entries: OrderedDict[str, Encoded] = OrderedDict()
 
-    def lookup(self, images: Sequence[PromptImage], encode: Callable[[list[PromptImage]], list[Encoded]]) -> tuple[list[Encoded], int]:
+    def lookup(
+        self, images: Sequence[PromptImage], encode: Callable[[list[PromptImage]], list[Encoded]]
+    ) -> tuple[list[Encoded], int]:
         """One entry per image, in order; `encode` gets the missing pictures (each once) in one call.
         Returns the entries and how many pictures were encoded."""
         missing = list({image.key: image for image in images if image.key not in self._entries}.values())

@@ -64,9 +64,15 @@ def exllamav2_available() -> bool:
 class ExLlamaV2Backend(Backend):
     name = "exllamav2"
 
-    def __init__(self, model_dir: str | Path, max_seq_len: int | None = None, cache_mode: str = "FP16",
-                 gpu_split: list[float] | None = None, max_batch_size: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_seq_len: int | None = None,
+        cache_mode: str = "FP16",
+        gpu_split: list[float] | None = None,
+        max_batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
         if cache_mode.upper() not in CACHE_MODES:
             raise OptionError(f"cache mode: expected one of {', '.join(CACHE_MODES)}, got {cache_mode!r}")
         if not exllamav2_available():
@@ -82,7 +88,12 @@ class ExLlamaV2Backend(Backend):
         context = min(max_seq_len or self.cfg.text.max_position_embeddings, self.cfg.text.max_position_embeddings)
         self.max_seq_len = config.max_seq_len = math.ceil(context / PAGE) * PAGE if context % PAGE else context
         self.model = ex.ExLlamaV2(config)
-        cache_class = {"FP16": ex.ExLlamaV2Cache, "Q8": ex.ExLlamaV2Cache_Q8, "Q6": ex.ExLlamaV2Cache_Q6, "Q4": ex.ExLlamaV2Cache_Q4}
+        cache_class = {
+            "FP16": ex.ExLlamaV2Cache,
+            "Q8": ex.ExLlamaV2Cache_Q8,
+            "Q6": ex.ExLlamaV2Cache_Q6,
+            "Q4": ex.ExLlamaV2Cache_Q4,
+        }
         if gpu_split:
             self.model.load(gpu_split=list(gpu_split), callback=progress)
             self.cache = cache_class[cache_mode.upper()](self.model, max_seq_len=self.max_seq_len)
@@ -93,8 +104,9 @@ class ExLlamaV2Backend(Backend):
         self.tokenizer = ex.ExLlamaV2Tokenizer(config)
         # unpaged (batch 1, as TabbyAPI's compatibility mode) unless flash-attn has paged attention
         self.batches = self.attention.startswith("flash-attn")
-        self.generator = ExLlamaV2DynamicGenerator(self.model, self.cache, self.tokenizer, max_batch_size=max_batch_size,
-                                                   paged=self.batches)  # fmt: skip
+        self.generator = ExLlamaV2DynamicGenerator(
+            self.model, self.cache, self.tokenizer, max_batch_size=max_batch_size, paged=self.batches
+        )
         self._load_vision(Path(model_dir))
         self._embeddings: ImageCache[Any] = ImageCache(IMAGE_CACHE_SIZE)  # image hash -> ExLlamaV2MMEmbedding
         self._commands: queue.Queue = queue.Queue()
@@ -128,8 +140,12 @@ class ExLlamaV2Backend(Backend):
         def encode(missing: list[PromptImage]) -> list[Any]:
             assert self.vision is not None
             features = encode_images(self.vision, missing, self.device)
-            return [ExLlamaV2MMEmbedding(self.model, layout_block(rows.half().cpu(), image.grid, self._break_row, self._end_row))
-                    for image, rows in zip(missing, features)]  # fmt: skip
+            return [
+                ExLlamaV2MMEmbedding(
+                    self.model, layout_block(rows.half().cpu(), image.grid, self._break_row, self._end_row)
+                )
+                for image, rows in zip(missing, features)
+            ]
 
         return self._embeddings.lookup(images, encode)
 
@@ -206,10 +222,16 @@ class ExLlamaV2Backend(Backend):
         stats = PrefillStats(prompt_tokens=len(request.prompt))
         input_ids, embeddings, stats.images_encoded = self._call(lambda: self._input_ids(request.prompt))
         job = ExLlamaV2DynamicJob(
-            input_ids=input_ids, max_new_tokens=request.max_new_tokens, gen_settings=sampler_settings(request.sampling),
-            seed=request.sampling.seed, stop_conditions=sorted(request.stop_token_ids), embeddings=embeddings,
-            return_probs=request.want_logprobs, return_top_tokens=request.logprobs, decode_special_tokens=True,
-        )  # fmt: skip
+            input_ids=input_ids,
+            max_new_tokens=request.max_new_tokens,
+            gen_settings=sampler_settings(request.sampling),
+            seed=request.sampling.seed,
+            stop_conditions=sorted(request.stop_token_ids),
+            embeddings=embeddings,
+            return_probs=request.want_logprobs,
+            return_top_tokens=request.logprobs,
+            decode_special_tokens=True,
+        )
         sink: queue.Queue = queue.Queue()
         self._commands.put(("add", (job, sink)))
         return TokenStream(self._results(job, sink, stats), stats)
@@ -234,8 +256,10 @@ class ExLlamaV2Backend(Backend):
         def run() -> Tensor:
             input_ids, embeddings, _ = self._input_ids(prompt)
             cache = self.ex.ExLlamaV2Cache(self.model, max_seq_len=math.ceil(len(prompt) / PAGE) * PAGE)
-            chunks = [self.model.forward(input_ids[:, i : i + 2048], cache, indexed_embeddings=embeddings).float().cpu()
-                      for i in range(0, input_ids.shape[1], 2048)]  # fmt: skip
+            chunks = [
+                self.model.forward(input_ids[:, i : i + 2048], cache, indexed_embeddings=embeddings).float().cpu()
+                for i in range(0, input_ids.shape[1], 2048)
+            ]
             return torch.cat(chunks, dim=1)[0]
 
         return self._call(run)
@@ -244,7 +268,11 @@ class ExLlamaV2Backend(Backend):
         """exllamav2 allocates the whole cache at load: kv_cache = kv_per_token · max_seq_len."""
         per_token = kv_bytes_per_token(self.cfg.text, {"FP16": 16, "Q8": 8, "Q6": 6, "Q4": 4}[self.cache_mode])
         allocated = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
-        return {"weights": max(allocated - per_token * self.max_seq_len, 0), "kv_cache": per_token * self.max_seq_len, "kv_per_token": per_token}
+        return {
+            "weights": max(allocated - per_token * self.max_seq_len, 0),
+            "kv_cache": per_token * self.max_seq_len,
+            "kv_per_token": per_token,
+        }
 
     def healthy(self) -> bool:
         return self._worker.is_alive()
@@ -274,14 +302,22 @@ def sampler_settings(params: SamplingParams) -> Any:
 
     if params.greedy:
         return ExLlamaV2Sampler.Settings.greedy(
-            token_repetition_penalty=params.repetition_penalty, token_presence_penalty=params.presence_penalty,
-            token_frequency_penalty=params.frequency_penalty, token_repetition_range=params.penalty_range or -1)  # fmt: skip
+            token_repetition_penalty=params.repetition_penalty,
+            token_presence_penalty=params.presence_penalty,
+            token_frequency_penalty=params.frequency_penalty,
+            token_repetition_range=params.penalty_range or -1,
+        )
     return ExLlamaV2Sampler.Settings(
-        temperature=params.temperature, top_k=params.top_k, top_p=0.0 if params.top_p >= 1.0 else params.top_p,
-        min_p=params.min_p, typical=0.0 if params.typical >= 1.0 else params.typical,
-        token_repetition_penalty=params.repetition_penalty, token_presence_penalty=params.presence_penalty,
-        token_frequency_penalty=params.frequency_penalty, token_repetition_range=params.penalty_range or -1,
-    )  # fmt: skip
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=0.0 if params.top_p >= 1.0 else params.top_p,
+        min_p=params.min_p,
+        typical=0.0 if params.typical >= 1.0 else params.typical,
+        token_repetition_penalty=params.repetition_penalty,
+        token_presence_penalty=params.presence_penalty,
+        token_frequency_penalty=params.frequency_penalty,
+        token_repetition_range=params.penalty_range or -1,
+    )
 
 
 def attention_path(config: Any) -> str:
@@ -320,5 +356,8 @@ def _sampled_steps(result: dict[str, Any]) -> Iterator[TokenStep]:
         logprob = math.log(max(float(probs[0, i]), 1e-30)) if probs is not None else None
         top = ()
         if top_ids is not None:
-            top = tuple((int(t), math.log(max(float(p), 1e-30))) for t, p in zip(top_ids[0, i].tolist(), top_probs[0, i].tolist()))
+            top = tuple(
+                (int(t), math.log(max(float(p), 1e-30)))
+                for t, p in zip(top_ids[0, i].tolist(), top_probs[0, i].tolist())
+            )
         yield TokenStep(int(token), logprob, top)

@@ -52,8 +52,14 @@ def common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: torch.dtype | None = None, max_seq_len: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.float16)
         self.model = load_model(model_dir, self.dtype, self.device, progress=progress)
@@ -72,7 +78,9 @@ class ReferenceBackend(Backend):
     def image_features(self, images: list[PromptImage]) -> tuple[dict[str, Tensor], int]:
         """Features of each image by hash; the ones not cached run in one block-diagonal pass.
         Returns them and how many pictures were encoded."""
-        features, encoded = self._features.lookup(images, lambda missing: [f.to(self.dtype) for f in encode_images(self.model, missing, self.device)])
+        features, encoded = self._features.lookup(
+            images, lambda missing: [f.to(self.dtype) for f in encode_images(self.model, missing, self.device)]
+        )
         return {image.key: rows for image, rows in zip(images, features)}, encoded
 
     def _embed(self, prompt: Prompt, keys: list[Hashable], start: int) -> tuple[Tensor, int]:
@@ -100,7 +108,9 @@ class ReferenceBackend(Backend):
         with self._lock:
             started = time.perf_counter()
             keys = prompt.position_keys(self.cfg.image_token_index)
-            reused = min(common_prefix(self._cached_keys, keys), len(keys) - 1)  # the last position is re-run for its logits
+            reused = min(
+                common_prefix(self._cached_keys, keys), len(keys) - 1
+            )  # the last position is re-run for its logits
             self.cache.truncate(reused)
             self._cached_keys = self._cached_keys[:reused]
             embeds, stats.images_encoded = self._embed(prompt, keys, reused)
@@ -114,7 +124,11 @@ class ReferenceBackend(Backend):
                 token = next_token(logits, history, request.sampling, generator)
                 yield self._step(logits, token, request)
                 history.append(token)
-                if token in request.stop_token_ids or step + 1 == request.max_new_tokens or len(self._cached_keys) >= self.max_seq_len:
+                if (
+                    token in request.stop_token_ids
+                    or step + 1 == request.max_new_tokens
+                    or len(self._cached_keys) >= self.max_seq_len
+                ):
                     return
                 embeds = lm.model.embed_tokens(torch.tensor([[token]], device=self.device))
                 logits = lm(embeds, len(self._cached_keys), self.cache)[0, -1]
@@ -147,7 +161,10 @@ class ReferenceBackend(Backend):
         with self._lock:
             for start in range(0, len(items), batch):
                 chunk = items[start : start + batch]
-                rows = [self._embed(prompt, prompt.position_keys(self.cfg.image_token_index), 0)[0][0] for prompt, _ in chunk]
+                rows = [
+                    self._embed(prompt, prompt.position_keys(self.cfg.image_token_index), 0)[0][0]
+                    for prompt, _ in chunk
+                ]
                 width = max(r.shape[0] for r in rows)
                 x = torch.stack([torch.cat([r, r.new_zeros(width - r.shape[0], r.shape[1])]) for r in rows])
                 hidden = lm.hidden_states(x)
@@ -157,7 +174,11 @@ class ReferenceBackend(Backend):
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"weights": weights, "kv_cache": self.cache.nbytes(), "kv_per_token": kv_bytes_per_token(self.cfg.text, self.dtype.itemsize * 8)}
+        return {
+            "weights": weights,
+            "kv_cache": self.cache.nbytes(),
+            "kv_per_token": kv_bytes_per_token(self.cfg.text, self.dtype.itemsize * 8),
+        }
 
     def close(self) -> None:
         with self._lock:

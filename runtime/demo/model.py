@@ -44,7 +44,9 @@ DEMO_SPEC = SyntheticSpec(
 def write_demo_model(out_dir: str | Path, force: bool = False) -> Path:
     """Write the trained demo model as an HF Llava directory (fp16, one shard)."""
     if not WEIGHTS_FILE.is_file():
-        raise UserError(f"{WEIGHTS_FILE}: the trained demo weights are missing; train them with `python -m runtime.demo.train`")
+        raise UserError(
+            f"{WEIGHTS_FILE}: the trained demo weights are missing; train them with `python -m runtime.demo.train`"
+        )
     cfg = DEMO_SPEC.config()
     with atomic_directory(out_dir, force, "demo-model") as tmp:
         write_model_files(tmp, cfg, bundled_tokenizer_path(DEMO_SPEC.tokenizer), "float16")

@@ -5,7 +5,8 @@
 
 A small Pixtral (real decoder + vision tower + projector, Large's v7m1 tokenizer) learns the shapes
 task of calibration/demo_task.py through the real chat template, single questions and conversations of
-several turns: loss on the answer tokens (and `</s>`) of every turn only, AdamW, warm-up then cosine decay, fp32 on the CPU. Deterministic for a seed and thread count.
+several turns: loss on the answer tokens (and `</s>`) of every turn only, AdamW, warm-up then cosine
+decay, fp32 on the CPU. Deterministic for a seed and thread count.
 Writes the weights that `pixtral-exl2 demo-model` ships (runtime/demo/weights/) and a JSON note of
 the run (steps, seconds, loss, held-out accuracy).
 """
@@ -39,7 +40,9 @@ def as_turns(example: task.Example) -> list[task.Turn]:
     return [task.Turn(example.question, example.answer, example.image)]
 
 
-def conversation_ids(tokenizer: PixtralTokenizer, chat: list[task.Turn]) -> tuple[list[int], list[PromptImage], list[tuple[int, int]]]:
+def conversation_ids(
+    tokenizer: PixtralTokenizer, chat: list[task.Turn]
+) -> tuple[list[int], list[PromptImage], list[tuple[int, int]]]:
     """Token ids of the whole chat through the chat template, its pictures in order, and the
     [start, end) span of every answer (with its `</s>`)."""
     messages: list[dict] = []
@@ -55,7 +58,9 @@ def conversation_ids(tokenizer: PixtralTokenizer, chat: list[task.Turn]) -> tupl
     return ids, pictures, spans
 
 
-def batch_tensors(chats: list[list[task.Turn]], tokenizer: PixtralTokenizer) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def batch_tensors(
+    chats: list[list[task.Turn]], tokenizer: PixtralTokenizer
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T], the images in order, and (batch, position) of every predicted token
     with its target: each answer of each chat and its `</s>`."""
     rows, images, where, targets = [], [], [], []
@@ -71,7 +76,9 @@ def batch_tensors(chats: list[list[task.Turn]], tokenizer: PixtralTokenizer) -> 
     return ids, images, torch.tensor(where), torch.tensor(targets)
 
 
-def answer_logits(model: PixtralModel, ids: torch.Tensor, images: list[torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+def answer_logits(
+    model: PixtralModel, ids: torch.Tensor, images: list[torch.Tensor], where: torch.Tensor
+) -> torch.Tensor:
     """Logits at the `where` positions only (the head over 32k tokens is the costly part)."""
     lm = model.language_model
     x = model.embed(ids, images or None)
@@ -112,7 +119,9 @@ def training_chat(rng: random.Random, chat_share: float) -> list[task.Turn]:
     return task.conversation(rng) if rng.random() < chat_share else as_turns(task.sample(rng))
 
 
-def train(steps: int, batch: int, seed: int, peak_lr: float, out: Path, init: Path | None = None, chat_share: float = 0.0) -> dict:
+def train(
+    steps: int, batch: int, seed: int, peak_lr: float, out: Path, init: Path | None = None, chat_share: float = 0.0
+) -> dict:
     torch.manual_seed(seed)
     # a continuation draws fresh scenes (and a chat-trained one fresh ones again)
     rng = random.Random(task.TRAIN_SEED + 1000 * seed + (7 if init is not None else 0) + (13 if chat_share else 0))
@@ -130,7 +139,9 @@ def train(steps: int, batch: int, seed: int, peak_lr: float, out: Path, init: Pa
     tokenizer = demo_tokenizer(Path(files.name))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.98)
+    )
     held_out = [as_turns(e) for e in task.examples(task.EVAL_SEED, 256)]
     held_out_chats = task.conversations(task.CHAT_EVAL_SEED, 128)
     started, log = time.monotonic(), []
@@ -148,11 +159,25 @@ def train(steps: int, batch: int, seed: int, peak_lr: float, out: Path, init: Pa
             if step % 500 == 0 or step == steps - 1:
                 entry["held_out_accuracy"] = accuracy(model, tokenizer, held_out)
                 entry["held_out_chat_accuracy"] = accuracy(model, tokenizer, held_out_chats)
-                _save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr, "threads": torch.get_num_threads(),
-                                   "chat_share": chat_share, "continues": earlier if init is not None else None,
-                                   "seconds": round(time.monotonic() - started, 1), "torch": torch.__version__, "spec": DEMO_SPEC.__dict__,
-                                   "held_out_accuracy": entry["held_out_accuracy"],
-                                   "held_out_chat_accuracy": entry["held_out_chat_accuracy"], "log": log + [entry]})  # fmt: skip
+                _save(
+                    model,
+                    out,
+                    {
+                        "seed": seed,
+                        "steps": step + 1,
+                        "batch": batch,
+                        "peak_lr": peak_lr,
+                        "threads": torch.get_num_threads(),
+                        "chat_share": chat_share,
+                        "continues": earlier if init is not None else None,
+                        "seconds": round(time.monotonic() - started, 1),
+                        "torch": torch.__version__,
+                        "spec": DEMO_SPEC.__dict__,
+                        "held_out_accuracy": entry["held_out_accuracy"],
+                        "held_out_chat_accuracy": entry["held_out_chat_accuracy"],
+                        "log": log + [entry],
+                    },
+                )
             log.append(entry)
             print(json.dumps(entry), flush=True)
     return json.loads(out.with_suffix(".json").read_text())
@@ -174,11 +199,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=WEIGHTS_FILE)
     parser.add_argument("--init", type=Path, help="continue from these weights (a second, lower-rate run)")
-    parser.add_argument("--chats", type=float, default=0.0, help="share of the batch that is a conversation of several turns")
+    parser.add_argument(
+        "--chats", type=float, default=0.0, help="share of the batch that is a conversation of several turns"
+    )
     args = parser.parse_args()
     note = train(args.steps, args.batch, args.seed, args.lr, args.out, args.init, args.chats)
-    print(f"trained {args.steps} steps in {note['seconds']} s; held-out accuracy {note['held_out_accuracy']:.3f} "
-          f"(chats {note['held_out_chat_accuracy']:.3f}); weights in {args.out}")
+    print(
+        f"trained {args.steps} steps in {note['seconds']} s; held-out accuracy {note['held_out_accuracy']:.3f} "
+        f"(chats {note['held_out_chat_accuracy']:.3f}); weights in {args.out}"
+    )
 
 
 if __name__ == "__main__":

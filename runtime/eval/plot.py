@@ -25,20 +25,33 @@ def quality_figure(scores: list[ModelScore], title: str):  # -> matplotlib.figur
         values = [s.task_accuracy for s in tiers]
         task.plot(bpw, values, "o-", color="#4e79a7", label="tier")
         task.axhline(source.task_accuracy, color="#e15759", linestyle="--", label=f"fp16 ({source.task_accuracy:.3f})")
-        task.set(xlabel="decoder bits per weight", ylabel="share of questions answered right", title="task accuracy",
-                 ylim=(max(0.0, min(values + [source.task_accuracy]) - 0.05), 1.005))  # fmt: skip
+        task.set(
+            xlabel="decoder bits per weight",
+            ylabel="share of questions answered right",
+            title="task accuracy",
+            ylim=(max(0.0, min(values + [source.task_accuracy]) - 0.05), 1.005),
+        )
         task.legend(loc="lower right", fontsize="small")
     agreement, divergence = panels
     top1 = [(b, s.image_top1) for b, s in zip(bpw, tiers) if s.image_top1 is not None]
     if top1:
         agreement.plot(*zip(*top1), "o-", color="#f28e2b")
-    agreement.set(xlabel="decoder bits per weight", ylabel="share of image-prompt positions", title="top-1 agreement with fp16",
-                  ylim=(max(0.0, min([v for _, v in top1] or [1.0]) - 0.05), 1.005))  # fmt: skip
-    for label, values, colour in (("text KL", [s.text_kl for s in tiers], "#59a14f"), ("image KL", [s.image_kl for s in tiers], "#f28e2b")):
+    agreement.set(
+        xlabel="decoder bits per weight",
+        ylabel="share of image-prompt positions",
+        title="top-1 agreement with fp16",
+        ylim=(max(0.0, min([v for _, v in top1] or [1.0]) - 0.05), 1.005),
+    )
+    for label, values, colour in (
+        ("text KL", [s.text_kl for s in tiers], "#59a14f"),
+        ("image KL", [s.image_kl for s in tiers], "#f28e2b"),
+    ):
         points = [(b, v) for b, v in zip(bpw, values) if v]
         if points:
             divergence.semilogy(*zip(*points), "o-", color=colour, label=label)
-    divergence.set(xlabel="decoder bits per weight", ylabel="KL(fp16 ‖ tier), nats/token", title="divergence from fp16 (0 = fp16)")
+    divergence.set(
+        xlabel="decoder bits per weight", ylabel="KL(fp16 ‖ tier), nats/token", title="divergence from fp16 (0 = fp16)"
+    )
     divergence.legend(loc="upper right")
     for axis in axes:
         axis.grid(alpha=0.3)

@@ -50,15 +50,21 @@ def tier_dirs(paths: list[Path]) -> list[Path]:
         elif path.is_dir() and sorted(path.glob("*bpw/config.json")):
             tiers += [p.parent for p in path.glob("*bpw/config.json")]
         else:
-            raise OptionError(f"{path}: not a model directory nor a quantize output folder (no config.json, no *bpw/ tiers)")
-    return sorted(dict.fromkeys(tiers), key=lambda p: float(p.name.removesuffix("bpw")) if p.name.endswith("bpw") else 99.0)
+            raise OptionError(
+                f"{path}: not a model directory nor a quantize output folder (no config.json, no *bpw/ tiers)"
+            )
+    return sorted(
+        dict.fromkeys(tiers), key=lambda p: float(p.name.removesuffix("bpw")) if p.name.endswith("bpw") else 99.0
+    )
 
 
 def check_pairing(source: Path, tiers: list[Path]) -> None:
     """The source is an unquantized model and every tier an EXL2 quantization of that architecture."""
     source_config = load_config(source)
     if source_config.quantization is not None:
-        raise OptionError(f"{source}: is an EXL2 checkpoint; the first argument is the fp16/bf16 source the tiers were made from")
+        raise OptionError(
+            f"{source}: is an EXL2 checkpoint; the first argument is the fp16/bf16 source the tiers were made from"
+        )
     for tier in tiers:
         if tier.resolve() == source.resolve():
             raise OptionError(f"{tier}: is the source itself; give the EXL2 tiers made from it")
@@ -66,9 +72,12 @@ def check_pairing(source: Path, tiers: list[Path]) -> None:
         if tier_config.quantization is None:
             raise OptionError(f"{tier}: not an EXL2 checkpoint (config.json has no quantization_config)")
         if tier_config.text != source_config.text:
-            raise OptionError(f"{tier}: its decoder ({tier_config.text.num_hidden_layers} layers × {tier_config.text.hidden_size}, "
-                              f"vocabulary {tier_config.text.vocab_size}) is not the source's ({source_config.text.num_hidden_layers} × "
-                              f"{source_config.text.hidden_size}, {source_config.text.vocab_size})")  # fmt: skip
+            raise OptionError(
+                f"{tier}: its decoder ({tier_config.text.num_hidden_layers} layers × {tier_config.text.hidden_size}, "
+                f"vocabulary {tier_config.text.vocab_size}) is not the source's "
+                f"({source_config.text.num_hidden_layers} × "
+                f"{source_config.text.hidden_size}, {source_config.text.vocab_size})"
+            )
 
 
 def describe_model(path: Path) -> tuple[float | None, float | None, int]:
@@ -104,7 +113,10 @@ def _set_logits(backend: Backend, eval_set: EvalSet) -> SetLogits:
             key = (item.prompt.token_ids, tuple(image.key for image in item.prompt.images))
             wanted.setdefault(key, (item, set()))[1].update(item.positions)
     runs = [Scored(item.prompt, sorted(positions)) for item, positions in wanted.values()]
-    by_key = {key: (rows, {p: i for i, p in enumerate(run.positions)}) for key, run, rows in zip(wanted, runs, _logits(backend, runs))}
+    by_key = {
+        key: (rows, {p: i for i, p in enumerate(run.positions)})
+        for key, run, rows in zip(wanted, runs, _logits(backend, runs))
+    }
 
     def rows_of(items: list[Scored]) -> list[Tensor]:
         out = []
@@ -149,7 +161,13 @@ def _choice_accuracy(backend: Backend, eval_set: EvalSet) -> float | None:
         scores = []
         for answer in question.question:
             row = next(logits)
-            scores.append(float(torch.log_softmax(row.float(), -1)[torch.arange(len(answer.targets)), torch.tensor(answer.targets)].mean()))
+            scores.append(
+                float(
+                    torch.log_softmax(row.float(), -1)[
+                        torch.arange(len(answer.targets)), torch.tensor(answer.targets)
+                    ].mean()
+                )
+            )
         right += int(max(range(len(scores)), key=scores.__getitem__) == question.answer)
     return right / len(eval_set.choices)
 
@@ -167,7 +185,9 @@ def evaluate(
     backend = load(source)
     source_logits = _set_logits(backend, eval_set)
     # fp16 on the CPU: the reference distributions are kept while every tier runs
-    reference = SetLogits([t.to(torch.float16) for t in source_logits.text], [t.to(torch.float16) for t in source_logits.image], [])
+    reference = SetLogits(
+        [t.to(torch.float16) for t in source_logits.text], [t.to(torch.float16) for t in source_logits.image], []
+    )
     scores = [_score(backend, source, "fp16", eval_set, reference, source_logits)]
     del source_logits
     backend.close()
@@ -180,7 +200,9 @@ def evaluate(
     return scores
 
 
-def _score(backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: SetLogits, logits: SetLogits) -> ModelScore:
+def _score(
+    backend: Backend, path: Path, name: str, eval_set: EvalSet, reference: SetLogits, logits: SetLogits
+) -> ModelScore:
     """Scores of one model from its logits on the text, image and task items (`_set_logits`)."""
     bpw, head_bpw, size = describe_model(path)
     score = ModelScore(name, str(path), bpw, head_bpw, size)

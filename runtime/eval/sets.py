@@ -46,8 +46,12 @@ class EvalSet:
     choices: list[Choice]
 
     def describe(self) -> dict[str, int]:
-        return {"text sequences": len(self.text), "image prompts": len(self.image), "task questions": len(self.task),
-                "multiple-choice questions": len(self.choices)}  # fmt: skip
+        return {
+            "text sequences": len(self.text),
+            "image prompts": len(self.image),
+            "task questions": len(self.task),
+            "multiple-choice questions": len(self.choices),
+        }
 
 
 def text_items(tokenizer: PixtralTokenizer, texts: list[str], max_tokens: int = MAX_TEXT_TOKENS) -> list[Scored]:
@@ -60,13 +64,19 @@ def text_items(tokenizer: PixtralTokenizer, texts: list[str], max_tokens: int = 
     return items
 
 
-def answer_item(tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None) -> Scored:
+def answer_item(
+    tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None
+) -> Scored:
     """A chat prompt followed by `answer` and `</s>`: the answer's positions with their target tokens."""
     full, start = answer_ids(tokenizer, messages_without, answer, [image.grid] if image is not None else [])
-    return Scored(Prompt(tuple(full), (image,) if image is not None else ()), list(range(start - 1, len(full) - 1)), full[start:])
+    return Scored(
+        Prompt(tuple(full), (image,) if image is not None else ()), list(range(start - 1, len(full) - 1)), full[start:]
+    )
 
 
-def conversation_item(tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None) -> Scored:
+def conversation_item(
+    tokenizer: PixtralTokenizer, messages_without: list[dict], answer: str, image: PromptImage | None
+) -> Scored:
     """The whole exchange, every next token scored from just after the picture (or after BOS): the
     question's words too, where the model is less sure than in its answer and quantization shows."""
     item = answer_item(tokenizer, messages_without, answer, image)
@@ -101,7 +111,9 @@ def read_choice_file(path: Path) -> list[tuple[Image.Image, str, list[str], int]
             index = answer if isinstance(answer, int) else choices.index(str(answer))
             if not (len(choices) >= 2 and 0 <= index < len(choices)):
                 raise ValueError("need two or more choices and an answer among them")
-            rows.append((open_image(path.parent / record["image"]).convert("RGB"), str(record["question"]), choices, index))
+            rows.append(
+                (open_image(path.parent / record["image"]).convert("RGB"), str(record["question"]), choices, index)
+            )
         except (KeyError, ValueError, TypeError) as err:
             raise UserError(f"{path}:{number}: expected {{image, question, choices, answer}} ({err})") from err
     if not rows:
@@ -125,7 +137,11 @@ def demo_eval_set(tokenizer: PixtralTokenizer, samples: int, choices: list[Choic
     from calibration.demo_task import EVAL_SEED, examples
 
     held_out = examples(EVAL_SEED, samples)
-    text = [conversation_item(tokenizer, question_messages(e.question, None), e.answer, None) for e in held_out if e.image is None]
+    text = [
+        conversation_item(tokenizer, question_messages(e.question, None), e.answer, None)
+        for e in held_out
+        if e.image is None
+    ]
     pictures = [(prepare_image(e.image), e) for e in held_out if e.image is not None]
     image = [conversation_item(tokenizer, question_messages(e.question, p), e.answer, p) for p, e in pictures]
     task = [answer_item(tokenizer, question_messages(e.question, p), e.answer, p) for p, e in pictures]
@@ -143,7 +159,17 @@ def build_eval_set(source: Path, texts: list[Path] | None, choices: Path | None,
         return demo_eval_set(tokenizer, samples, mc)
     from calibration.sources import default_image_samples, read_texts, split_documents, standard_text_files
 
-    documents = [d for path in texts for d in read_texts(path)] if texts else \
-        [d for path in standard_text_files().values() for d in split_documents(path.read_text(encoding="utf-8"))[-4:]]  # fmt: skip
+    documents = (
+        [d for path in texts for d in read_texts(path)]
+        if texts
+        else [
+            d for path in standard_text_files().values() for d in split_documents(path.read_text(encoding="utf-8"))[-4:]
+        ]
+    )
     pictures = default_image_samples(GENERAL_EVAL_SEED, documents[:20])[: max(1, samples // 8)]
-    return EvalSet(text_items(tokenizer, documents[:samples]), image_items(tokenizer, [(p.image, p.question, p.answer) for p in pictures]), [], mc)
+    return EvalSet(
+        text_items(tokenizer, documents[:samples]),
+        image_items(tokenizer, [(p.image, p.question, p.answer) for p in pictures]),
+        [],
+        mc,
+    )

@@ -56,7 +56,9 @@ class APIError(Exception):
         self.status, self.kind, self.code, self.param = status, kind, code, param
 
 
-def error_response(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
 
@@ -85,7 +87,10 @@ def describe_validation(errors: list[dict]) -> tuple[str | None, str]:
         return None, "invalid request"
     if any(e.get("type") == "json_invalid" for e in errors):
         return None, "request body is not valid JSON"
-    cleaned = [(tuple(p for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and UNION_BRANCH.match(p))), e) for e in errors]
+    cleaned = [
+        (tuple(p for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and UNION_BRANCH.match(p))), e)
+        for e in errors
+    ]
     depth = max(len(loc) for loc, _ in cleaned)
     deepest = [(loc, e) for loc, e in cleaned if len(loc) == depth]
     where = ".".join(map(str, deepest[0][0]))
@@ -115,11 +120,17 @@ class BodyLimit:
             more = message.get("more_body", False)
             if len(body) > self.limit:
                 return await self._refuse(send)
-        await self.app(scope, _replay([{"type": "http.request", "body": bytes(body), "more_body": False}], receive), send)
+        await self.app(
+            scope, _replay([{"type": "http.request", "body": bytes(body), "more_body": False}], receive), send
+        )
 
     async def _refuse(self, send: Any) -> None:
-        response = error_response(413, f"request body over this server's {self.limit}-byte limit (limits.max_request_bytes)",
-                                  "invalid_request_error", "request_too_large")  # fmt: skip
+        response = error_response(
+            413,
+            f"request body over this server's {self.limit}-byte limit (limits.max_request_bytes)",
+            "invalid_request_error",
+            "request_too_large",
+        )
         await response({"type": "http"}, None, send)
 
 
@@ -133,7 +144,9 @@ def _replay(messages: list[dict], receive: Any) -> Any:
     return replayed
 
 
-def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None = None, startup_model: str | None = None) -> FastAPI:
+def create_app(
+    config: ServerConfig, keys: Keys | None, host: ModelHost | None = None, startup_model: str | None = None
+) -> FastAPI:
     """The app; `keys` None means auth is disabled (every caller is admin)."""
     host = host or ModelHost(config)
     metrics = Metrics()
@@ -153,7 +166,12 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
             return ADMIN
         level = keys.permission(presented_keys(request.headers))
         if level is None:
-            raise APIError(401, "missing or invalid API key (send x-api-key or Authorization: Bearer)", "authentication_error", "invalid_api_key")
+            raise APIError(
+                401,
+                "missing or invalid API key (send x-api-key or Authorization: Bearer)",
+                "authentication_error",
+                "invalid_api_key",
+            )
         return level
 
     def admin(request: Request) -> str:
@@ -181,7 +199,9 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), "invalid_request_error", "not_found" if err.status_code == 404 else None)
+        return error_response(
+            err.status_code, str(err.detail), "invalid_request_error", "not_found" if err.status_code == 404 else None
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
@@ -205,10 +225,14 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
         loaded = await host.for_request(body.model, level == ADMIN)
-        prompt, forced = await asyncio.to_thread(chat_prompt, loaded, body, config)  # images and the template, off the loop
+        prompt, forced = await asyncio.to_thread(
+            chat_prompt, loaded, body, config
+        )  # images and the template, off the loop
         run = Run(host, loaded, request, config)
         if body.stream:
-            return StreamingResponse(chat_stream(run, body, prompt, forced), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                chat_stream(run, body, prompt, forced), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         return await chat_completion(run, body, prompt, forced)
 
     @app.post("/v1/completions")
@@ -247,7 +271,9 @@ def create_app(config: ServerConfig, keys: Keys | None, host: ModelHost | None =
         loaded = host.require()
         template = loaded.engine.tokenizer.chat_template or ""
         slots = loaded.slots or config.limits.max_concurrent_requests
-        return Props(total_slots=slots, chat_template=template, default_generation_settings={"n_ctx": loaded.engine.max_seq_len})
+        return Props(
+            total_slots=slots, chat_template=template, default_generation_settings={"n_ctx": loaded.engine.max_seq_len}
+        )
 
     @app.post("/v1/token/encode", dependencies=[Depends(permission)])
     async def encode(body: TokenEncodeRequest) -> TokenEncodeResponse:
@@ -291,9 +317,15 @@ def _card(host: ModelHost, name: str, details: bool = False) -> ModelCard:
     card = ModelCard(id=name, created=loaded.created if loaded and loaded.name == name else 0)
     if loaded and loaded.name == name:
         engine = loaded.engine
-        card.parameters = {"max_seq_len": engine.max_seq_len, "backend": engine.backend_name, "use_vision": engine.has_vision,
-                           "cache_mode": loaded.backend_config.cache_mode, "prompt_template": "chat_template.json",
-                           "attention": engine.attention, "batches_requests": engine.batches}  # fmt: skip
+        card.parameters = {
+            "max_seq_len": engine.max_seq_len,
+            "backend": engine.backend_name,
+            "use_vision": engine.has_vision,
+            "cache_mode": loaded.backend_config.cache_mode,
+            "prompt_template": "chat_template.json",
+            "attention": engine.attention,
+            "batches_requests": engine.batches,
+        }
         if details:
             card.parameters["prompt_template_content"] = loaded.engine.tokenizer.chat_template
     return card
@@ -318,9 +350,20 @@ async def _load_events(host: ModelHost, body: ModelLoadRequest) -> AsyncIterator
         total = host.loaded.engine.num_layers if host.loaded else 0
         yield sse(LoadProgress(module=total, modules=total, status="finished"))
     except UserError as err:
-        yield sse({"error": {"message": str(err), "type": "invalid_request_error", "param": "model_name", "code": None}})
+        yield sse(
+            {"error": {"message": str(err), "type": "invalid_request_error", "param": "model_name", "code": None}}
+        )
     except Exception as err:  # the load failed after the stream began
-        yield sse({"error": {"message": f"load failed: {type(err).__name__}: {err}", "type": "server_error", "param": None, "code": None}})
+        yield sse(
+            {
+                "error": {
+                    "message": f"load failed: {type(err).__name__}: {err}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -331,5 +374,3 @@ def server_app(config: ServerConfig, keys: Keys | None, startup_model: str | Non
     limited.state = app.state  # type: ignore[attr-defined]
     limited.fastapi = app  # type: ignore[attr-defined]
     return limited
-
-

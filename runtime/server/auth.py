@@ -43,7 +43,9 @@ def load_or_create_keys(path: Path) -> tuple[Keys, bool]:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ServerConfigError(f"{path}: cannot read the API keys file ({err})") from err
-        if not (isinstance(data, dict) and isinstance(data.get("api_key"), str) and isinstance(data.get("admin_key"), str)):
+        if not (
+            isinstance(data, dict) and isinstance(data.get("api_key"), str) and isinstance(data.get("admin_key"), str)
+        ):
             raise ServerConfigError(f"{path}: expected `api_key: ...` and `admin_key: ...`")
         if len(data["api_key"]) < 16 or len(data["admin_key"]) < 16:
             raise ServerConfigError(f"{path}: keys must be at least 16 characters")

@@ -44,7 +44,6 @@ from runtime.server.tools import parse_tool_calls
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-
 class Run:
     """The choices of one request, generated one after another on one slot."""
 
@@ -53,7 +52,9 @@ class Run:
         self.id_prefix = secrets.token_hex(12)
         self.created = int(time.time())
 
-    async def choice_chunks(self, prompt: Prompt, params: GenerationParams, result: ChoiceResult, forced_tools: bool) -> AsyncIterator[str | None]:
+    async def choice_chunks(
+        self, prompt: Prompt, params: GenerationParams, result: ChoiceResult, forced_tools: bool
+    ) -> AsyncIterator[str | None]:
         """Content deltas of one choice (None: keep-alive); fills `result`. Stops, cancelling the
         generation, if the client goes away."""
         result.in_tools = forced_tools
@@ -81,7 +82,10 @@ class Run:
             if generation.first_chunk_at is not None:
                 metrics.first_token.observe(generation.first_chunk_at - generation.started)
             self.host.failures.clear()
-        except (asyncio.CancelledError, GeneratorExit):  # a streaming client went away: its response is cancelled or closed
+        except (
+            asyncio.CancelledError,
+            GeneratorExit,
+        ):  # a streaming client went away: its response is cancelled or closed
             metrics.disconnects.inc()
             raise
         except (UserError, GenerationCancelled):
@@ -106,9 +110,10 @@ class Run:
             calls = parse_tool_calls(forced_prefix_text + "".join(result.tool_text))
             if calls:
                 return (text or None), calls, "tool_calls"
-            text += forced_prefix_text + "".join(result.tool_text)  # not a valid call: the text as it came, our opening included
+            text += forced_prefix_text + "".join(
+                result.tool_text
+            )  # not a valid call: the text as it came, our opening included
         return text, None, result.finish_reason
-
 
 
 async def chat_completion(run: Run, body: ChatCompletionRequest, prompt: Prompt, forced: bool) -> ChatCompletion:
@@ -125,14 +130,25 @@ async def chat_completion(run: Run, body: ChatCompletionRequest, prompt: Prompt,
             if result.usage is None:
                 raise asyncio.CancelledError  # the client went away
             content, calls, finish = run.finish(result, prefix)
-            choices.append(ChatChoice(index=index, message=ResponseMessage(content=content, tool_calls=calls), finish_reason=finish,
-                                      logprobs=chat_logprobs(engine, result.logprobs) if body.logprobs else None, stop_str=result.stop_string))  # fmt: skip
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=ResponseMessage(content=content, tool_calls=calls),
+                    finish_reason=finish,
+                    logprobs=chat_logprobs(engine, result.logprobs) if body.logprobs else None,
+                    stop_str=result.stop_string,
+                )
+            )
             usages.append(result.usage)
     finally:
         slots.release()
-    return ChatCompletion(id=f"chatcmpl-{run.id_prefix}", created=run.created, model=run.loaded.name, choices=choices,
-                          usage=usage_body(total_usage(usages)))  # fmt: skip
-
+    return ChatCompletion(
+        id=f"chatcmpl-{run.id_prefix}",
+        created=run.created,
+        model=run.loaded.name,
+        choices=choices,
+        usage=usage_body(total_usage(usages)),
+    )
 
 
 async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
@@ -150,14 +166,15 @@ async def queue_for_slot(run: Run) -> AsyncIterator[asyncio.Semaphore | None]:
     yield wait.result()
 
 
-
 async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, forced: bool) -> AsyncIterator[str]:
     engine, usages = run.loaded.engine, []
     prefix = forced_text(engine, prompt, forced)
     ident = f"chatcmpl-{run.id_prefix}"
 
     def chunk(choices: list[ChunkChoice], usage: UsageBody | None = None) -> str:
-        return sse(ChatCompletionChunk(id=ident, created=run.created, model=run.loaded.name, choices=choices, usage=usage))
+        return sse(
+            ChatCompletionChunk(id=ident, created=run.created, model=run.loaded.name, choices=choices, usage=usage)
+        )
 
     slots = None
     try:
@@ -170,7 +187,9 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
             result = ChoiceResult(index)
             yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
             seen = 0
-            async with contextlib.aclosing(run.choice_chunks(prompt, params, result, forced)) as deltas:  # closed with the response
+            async with contextlib.aclosing(
+                run.choice_chunks(prompt, params, result, forced)
+            ) as deltas:  # closed with the response
                 async for delta in deltas:
                     if delta is None:
                         yield ": keep-alive\n\n"
@@ -196,7 +215,6 @@ async def chat_stream(run: Run, body: ChatCompletionRequest, prompt: Prompt, for
     yield "data: [DONE]\n\n"
 
 
-
 @dataclass(frozen=True)
 class KeepAlive:
     """Nothing to send yet (queued, or a long prefill): an SSE comment keeps the connection."""
@@ -213,7 +231,9 @@ class ChoiceDone:
     result: ChoiceResult  # finished: its finish_reason and usage are set
 
 
-async def text_completion(run: Run, body: CompletionRequest, prompts: list[Prompt]) -> TextCompletion | AsyncIterator[str]:
+async def text_completion(
+    run: Run, body: CompletionRequest, prompts: list[Prompt]
+) -> TextCompletion | AsyncIterator[str]:
     """Non-streaming: the TextCompletion; streaming: the SSE lines."""
     engine = run.loaded.engine
     ident = f"cmpl-{run.id_prefix}"
@@ -230,7 +250,9 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
                 for i in range(body.n):
                     index = p * body.n + i
                     result = ChoiceResult(index)
-                    choice = run.choice_chunks(prompt, generation_params(body, run.config, i, body.logprobs, 16), result, False)
+                    choice = run.choice_chunks(
+                        prompt, generation_params(body, run.config, i, body.logprobs, 16), result, False
+                    )
                     async with contextlib.aclosing(choice) as deltas:
                         async for delta in deltas:
                             yield KeepAlive() if delta is None else TextDelta(index, delta)
@@ -245,13 +267,21 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
         async for event in generate():
             if isinstance(event, ChoiceDone):
                 results[event.result.index] = event.result
-        choices = [CompletionChoice(index=i, text="".join(r.text), finish_reason=r.finish_reason,
-                                    logprobs=completion_logprobs(engine, r.logprobs) if body.logprobs is not None else None)
-                   for i, r in sorted(results.items())]  # fmt: skip
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(r.text),
+                finish_reason=r.finish_reason,
+                logprobs=completion_logprobs(engine, r.logprobs) if body.logprobs is not None else None,
+            )
+            for i, r in sorted(results.items())
+        ]
         if len(choices) != len(prompts) * body.n:
             raise asyncio.CancelledError
         usages = [r.usage for r in results.values() if r.usage]
-        return TextCompletion(id=ident, created=run.created, model=run.loaded.name, choices=choices, usage=usage_body(total_usage(usages)))
+        return TextCompletion(
+            id=ident, created=run.created, model=run.loaded.name, choices=choices, usage=usage_body(total_usage(usages))
+        )
 
     async def lines() -> AsyncIterator[str]:
         usages = []
@@ -260,15 +290,35 @@ async def text_completion(run: Run, body: CompletionRequest, prompts: list[Promp
                 if isinstance(event, KeepAlive):
                     yield ": keep-alive\n\n"
                 elif isinstance(event, TextDelta):
-                    yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
-                                             choices=[CompletionChoice(index=event.index, text=event.text, finish_reason=None)]))  # fmt: skip
+                    yield sse(
+                        TextCompletion(
+                            id=ident,
+                            created=run.created,
+                            model=run.loaded.name,
+                            choices=[CompletionChoice(index=event.index, text=event.text, finish_reason=None)],
+                        )
+                    )
                 else:
                     done = event.result
                     usages.append(done.usage)
-                    yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name,
-                                             choices=[CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason)]))  # fmt: skip
+                    yield sse(
+                        TextCompletion(
+                            id=ident,
+                            created=run.created,
+                            model=run.loaded.name,
+                            choices=[CompletionChoice(index=done.index, text="", finish_reason=done.finish_reason)],
+                        )
+                    )
             if body.stream_options and body.stream_options.include_usage and usages:
-                yield sse(TextCompletion(id=ident, created=run.created, model=run.loaded.name, choices=[], usage=usage_body(total_usage(usages))))
+                yield sse(
+                    TextCompletion(
+                        id=ident,
+                        created=run.created,
+                        model=run.loaded.name,
+                        choices=[],
+                        usage=usage_body(total_usage(usages)),
+                    )
+                )
         except asyncio.CancelledError:
             raise
         except Exception as err:

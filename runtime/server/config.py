@@ -46,7 +46,9 @@ class ModelConfig:
     # a request naming another model: off, the loaded model serves it (TabbyAPI's default); on, an
     # admin key loads the named model first and an api key gets 401 (unless it names a dummy model)
     inline_model_loading: bool = False
-    use_dummy_models: bool = False  # list dummy_model_names first in /v1/models; requests naming them use the loaded model
+    use_dummy_models: bool = (
+        False  # list dummy_model_names first in /v1/models; requests naming them use the loaded model
+    )
     dummy_model_names: list[str] = field(default_factory=lambda: ["gpt-3.5-turbo"])
 
 
@@ -131,7 +133,12 @@ def load_server_config(path: str | Path | None) -> ServerConfig:
     if unknown:
         raise ServerConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
     sections = {}
-    for name, cls in (("network", NetworkConfig), ("model", ModelConfig), ("limits", LimitsConfig), ("images", ImagesConfig)):
+    for name, cls in (
+        ("network", NetworkConfig),
+        ("model", ModelConfig),
+        ("limits", LimitsConfig),
+        ("images", ImagesConfig),
+    ):
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ServerConfigError(f"{path}: section {name} must be a mapping")

@@ -111,6 +111,11 @@ class ChoiceResult:
 def total_usage(usages: list[Usage]) -> Usage:
     """The usage of several choices of one request (prompt counted once, as OpenAI does)."""
     first = usages[0]
-    return Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens,
-                 sum(u.images_encoded for u in usages), sum(u.prefill_seconds for u in usages),
-                 sum(u.decode_seconds for u in usages))  # fmt: skip
+    return Usage(
+        first.prompt_tokens,
+        sum(u.completion_tokens for u in usages),
+        first.cached_tokens,
+        sum(u.images_encoded for u in usages),
+        sum(u.prefill_seconds for u in usages),
+        sum(u.decode_seconds for u in usages),
+    )

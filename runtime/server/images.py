@@ -18,7 +18,9 @@ from pixtral.image import ImageError, open_image
 from pixtral.prompt import PromptImage, prepare_image
 from runtime.server.config import ImagesConfig
 
-DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<payload>.*)$", re.S)
+DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<payload>.*)$", re.S
+)
 
 
 def load_image_url(url: str, limits: ImagesConfig) -> PromptImage:
@@ -31,8 +33,11 @@ def load_image_url(url: str, limits: ImagesConfig) -> PromptImage:
     elif scheme == "file":
         data = _local_file(url, limits)
     else:
-        raise ImageError(f"image URL {url[:40]!r}: expected a data: URL" + (", an http(s) URL" if limits.allow_remote else "")
-                         + (" or a file:// URL" if limits.local_folder else ""))  # fmt: skip
+        raise ImageError(
+            f"image URL {url[:40]!r}: expected a data: URL"
+            + (", an http(s) URL" if limits.allow_remote else "")
+            + (" or a file:// URL" if limits.local_folder else "")
+        )
     return prepare_image(open_image(data, limits.max_image_pixels, limits.max_image_bytes, name=_label(url)))
 
 
@@ -48,7 +53,9 @@ def _data_url(url: str, limits: ImagesConfig) -> bytes:
         raise ImageError(f"image URL {_label(url)!r}: media type {match['mime']} is not an image")
     payload = match["payload"].strip()
     if len(payload) * 3 // 4 > limits.max_image_bytes:
-        raise ImageError(f"image of about {len(payload) * 3 // 4} bytes is over the {limits.max_image_bytes}-byte limit")
+        raise ImageError(
+            f"image of about {len(payload) * 3 // 4} bytes is over the {limits.max_image_bytes}-byte limit"
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
@@ -57,7 +64,9 @@ def _data_url(url: str, limits: ImagesConfig) -> bytes:
 
 def _fetch(url: str, limits: ImagesConfig) -> bytes:
     if not limits.allow_remote:
-        raise ImageError("remote image URLs are disabled on this server (images.allow_remote); send the image as a data: URL")
+        raise ImageError(
+            "remote image URLs are disabled on this server (images.allow_remote); send the image as a data: URL"
+        )
     host = (urlparse(url).hostname or "").lower()
     if limits.remote_hosts and host not in {h.lower() for h in limits.remote_hosts}:
         raise ImageError(f"image host {host!r} is not in this server's allow-list (images.remote_hosts)")

@@ -15,15 +15,23 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("pixtral_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "pixtral_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.prompt_tokens = Counter("pixtral_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.cached_tokens = Counter("pixtral_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r)
+        self.cached_tokens = Counter(
+            "pixtral_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r
+        )
         self.completion_tokens = Counter("pixtral_completion_tokens", "Tokens generated", registry=r)
         self.images = Counter("pixtral_images_encoded", "Images run through the vision tower", registry=r)
         self.queue_depth = Gauge("pixtral_queue_depth", "Requests waiting for a generation slot", registry=r)
         self.in_flight = Gauge("pixtral_generations_in_flight", "Generations running", registry=r)
-        self.latency = Histogram("pixtral_request_seconds", "Generation request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.first_token = Histogram("pixtral_time_to_first_token_seconds", "Time to the first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "pixtral_request_seconds", "Generation request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.first_token = Histogram(
+            "pixtral_time_to_first_token_seconds", "Time to the first token", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.disconnects = Counter("pixtral_client_disconnects", "Streams cancelled by their client", registry=r)
 
     def render(self) -> bytes:

@@ -72,7 +72,9 @@ class ModelHost:
         """The folder of model `name`: an entry of the model directory (a symlink placed there by the
         server's owner is followed); a name can never reach a path outside it."""
         if not name or name.startswith(".") or any(c in name for c in "/\\\0:") or name != name.strip():
-            raise ModelNotFound(f"model name {name!r}: expected the name of a folder directly inside the model directory")
+            raise ModelNotFound(
+                f"model name {name!r}: expected the name of a folder directly inside the model directory"
+            )
         path = self.root / name
         if path.parent != self.root or not (path / "config.json").is_file():
             raise ModelNotFound(f"model {name!r} not found in the model directory")
@@ -81,7 +83,9 @@ class ModelHost:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+        return sorted(
+            p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file()
+        )
 
     def require(self) -> Loaded:
         """The loaded model (a request's `model` field is resolved by `for_request`)."""
@@ -99,8 +103,11 @@ class ModelHost:
             return self.require()
         if not m.inline_model_loading:
             if admin:
-                log.warning("request names model %r but inline_model_loading is off: %r serves it", name,
-                            self.loaded.name if self.loaded else None)  # fmt: skip
+                log.warning(
+                    "request names model %r but inline_model_loading is off: %r serves it",
+                    name,
+                    self.loaded.name if self.loaded else None,
+                )
             return self.require()
         dummy = m.use_dummy_models and name in m.dummy_model_names
         if not admin and not dummy:
@@ -124,18 +131,28 @@ class ModelHost:
         r = request or ModelLoadRequest(model_name="-")
         split_auto = m.gpu_split_auto if r.gpu_split_auto is None else r.gpu_split_auto
         split = r.gpu_split if r.gpu_split is not None else m.gpu_split
-        return BackendConfig(backend=r.backend or m.backend, device=m.device, dtype=m.dtype, max_seq_len=r.max_seq_len or m.max_seq_len,
-                             cache_mode=(r.cache_mode or m.cache_mode).upper(), gpu_split=None if split_auto or not split else tuple(split),
-                             max_batch_size=self.config.limits.max_concurrent_requests)  # fmt: skip
+        return BackendConfig(
+            backend=r.backend or m.backend,
+            device=m.device,
+            dtype=m.dtype,
+            max_seq_len=r.max_seq_len or m.max_seq_len,
+            cache_mode=(r.cache_mode or m.cache_mode).upper(),
+            gpu_split=None if split_auto or not split else tuple(split),
+            max_batch_size=self.config.limits.max_concurrent_requests,
+        )
 
-    async def load(self, name: str, request: ModelLoadRequest | None = None, progress: Callable[[int, int], None] | None = None) -> Loaded:
+    async def load(
+        self, name: str, request: ModelLoadRequest | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> Loaded:
         path = self.path_of(name)
         config = self.backend_config(request)
         async with self._load_lock:
             await self._unload()
             backend = await asyncio.to_thread(load_backend, path, config, progress)
             tokenizer = await asyncio.to_thread(PixtralTokenizer, path)
-            refused = None if self.config.model.vision else "vision is disabled on this server (model.vision); send text only"
+            refused = (
+                None if self.config.model.vision else "vision is disabled on this server (model.vision); send text only"
+            )
             self.loaded = Loaded(name, path, Engine(backend, tokenizer, refused), config)
             slots = self.loaded.slots or self.config.limits.max_concurrent_requests
             self._slots = asyncio.Semaphore(slots)
@@ -193,7 +210,9 @@ class ModelHost:
         now = time.monotonic()
         stalled = [g for g in self.generations if now - g.last_progress > self.config.limits.stall_seconds]
         if stalled:
-            issues.append(f"{len(stalled)} generation(s) made no progress for over {self.config.limits.stall_seconds:g} s")
+            issues.append(
+                f"{len(stalled)} generation(s) made no progress for over {self.config.limits.stall_seconds:g} s"
+            )
         if self.loaded is not None and not self.loaded.engine.healthy():
             issues.append("the generator thread has stopped")
         return Health(status="unhealthy" if issues else "healthy", issues=issues, model_loaded=self.loaded is not None)

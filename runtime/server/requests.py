@@ -16,22 +16,33 @@ from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, Mes
 from runtime.server.tools import forced_prefix
 
 
-def generation_params(body: SamplingFields, config: ServerConfig, choice: int, logprobs: int | None, default_max: int | None = None) -> GenerationParams:
+def generation_params(
+    body: SamplingFields, config: ServerConfig, choice: int, logprobs: int | None, default_max: int | None = None
+) -> GenerationParams:
     """OpenAI/TabbyAPI fields -> GenerationParams (OpenAI's defaults: temperature 1, nothing truncated)."""
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     requested = body.max_completion_tokens or body.max_tokens or default_max
     cap = config.limits.max_new_tokens
     sampling = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k or 0,
-        top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p or 0.0, typical=1.0 if body.typical is None else body.typical,
-        repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0, penalty_range=body.penalty_range or 0,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        min_p=body.min_p or 0.0,
+        typical=1.0 if body.typical is None else body.typical,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        penalty_range=body.penalty_range or 0,
         seed=None if body.seed is None else (body.seed + choice) % 2**63,
-    )  # fmt: skip
-    return GenerationParams(max_new_tokens=min(x for x in (requested, cap) if x) if (requested or cap) else None,
-                            stop=tuple(s for s in stops if isinstance(s, str)), stop_token_ids=tuple(s for s in stops if isinstance(s, int)),
-                            sampling=sampling, logprobs=logprobs, ignore_eos=body.ignore_eos or body.ban_eos_token)  # fmt: skip
-
+    )
+    return GenerationParams(
+        max_new_tokens=min(x for x in (requested, cap) if x) if (requested or cap) else None,
+        stop=tuple(s for s in stops if isinstance(s, str)),
+        stop_token_ids=tuple(s for s in stops if isinstance(s, int)),
+        sampling=sampling,
+        logprobs=logprobs,
+        ignore_eos=body.ignore_eos or body.ban_eos_token,
+    )
 
 
 def check_choices(n: int, config: ServerConfig) -> None:
@@ -39,32 +50,38 @@ def check_choices(n: int, config: ServerConfig) -> None:
         raise UserError(f"n: {n} choices, more than this server's {config.limits.max_n}")
 
 
-
 def template_message(message: Message) -> dict[str, Any]:
     """A request message as the chat template reads it (`developer` is OpenAI's newer `system`)."""
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
     if isinstance(message.content, list):
-        out["content"] = [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image_url", "image_url": {"url": p.url}}
-                          for p in message.content]  # fmt: skip
+        out["content"] = [
+            {"type": "text", "text": p.text} if p.type == "text" else {"type": "image_url", "image_url": {"url": p.url}}
+            for p in message.content
+        ]
     else:
         out["content"] = message.content
     if message.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                             for c in message.tool_calls]  # fmt: skip
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls
+        ]
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     return out
-
 
 
 def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfig) -> tuple[Prompt, bool]:
     """The prompt (images fetched, checked and preprocessed: call off the event loop), and whether
     the answer starts inside a tool call. Raises UserError for anything the request gets wrong."""
     if len(body.messages) > config.limits.max_messages:
-        raise UserError(f"messages: {len(body.messages)} messages, more than this server's {config.limits.max_messages}")
+        raise UserError(
+            f"messages: {len(body.messages)} messages, more than this server's {config.limits.max_messages}"
+        )
     check_choices(body.n, config)
     if body.response_format is not None and body.response_format.type != "text":
-        raise UserError(f"response_format {body.response_format.type!r} is not supported (no constrained decoding); use 'text'")
+        raise UserError(
+            f"response_format {body.response_format.type!r} is not supported (no constrained decoding); use 'text'"
+        )
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content if p.type != "text"]
     engine = loaded.engine
     messages = [template_message(m) for m in body.messages]
@@ -73,19 +90,22 @@ def chat_prompt(loaded: Loaded, body: ChatCompletionRequest, config: ServerConfi
     if parts:
         engine.require_vision()  # before fetching or decoding any of them
     if len(parts) > config.images.max_images_per_request:
-        raise UserError(f"messages contain {len(parts)} images, more than this server's {config.images.max_images_per_request}")
+        raise UserError(
+            f"messages contain {len(parts)} images, more than this server's {config.images.max_images_per_request}"
+        )
     images = [load_image_url(p.url, config.images) for p in parts]
     prompt = engine.chat_prompt(messages, images, tools, body.continue_final_message)
     forced = bool(tools) and body.tool_choice not in (None, "auto")
     if forced:
         tokenizer = engine.tokenizer
-        prefix = forced_prefix(body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
-                               tokenizer.vocab_size == 32768)  # fmt: skip
+        prefix = forced_prefix(
+            body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
+            tokenizer.vocab_size == 32768,
+        )
         extra = [tokenizer.tool_calls_id] + (tokenizer.encode(prefix) if prefix else [])
         prompt = Prompt(prompt.token_ids + tuple(extra), prompt.images)
     engine.check_fits(prompt)
     return prompt, forced
-
 
 
 def completion_prompts(loaded: Loaded, body: CompletionRequest, config: ServerConfig) -> list[Prompt]:

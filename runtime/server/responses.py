@@ -15,17 +15,23 @@ from runtime.server.schemas import Usage as UsageBody
 
 def usage_body(usage: Usage) -> UsageBody:
     total = usage.prefill_seconds + usage.decode_seconds
-    return UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens), prompt_time=usage.prefill_seconds,
-                     completion_time=usage.decode_seconds, total_time=total,
-                     prompt_tokens_per_sec=(usage.prompt_tokens - usage.cached_tokens) / usage.prefill_seconds if usage.prefill_seconds else 0.0,
-                     completion_tokens_per_sec=usage.decode_tokens_per_second)  # fmt: skip
-
+    return UsageBody(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        prompt_time=usage.prefill_seconds,
+        completion_time=usage.decode_seconds,
+        total_time=total,
+        prompt_tokens_per_sec=(usage.prompt_tokens - usage.cached_tokens) / usage.prefill_seconds
+        if usage.prefill_seconds
+        else 0.0,
+        completion_tokens_per_sec=usage.decode_tokens_per_second,
+    )
 
 
 def token_text(engine: Engine, token_id: int) -> str:
     return engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
 
 
 def chat_logprobs(engine: Engine, steps: list) -> ChoiceLogprobs:
@@ -40,7 +46,6 @@ def chat_logprobs(engine: Engine, steps: list) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=content)
 
 
-
 def completion_logprobs(engine: Engine, steps: list) -> CompletionLogprobs:
     out, offset = CompletionLogprobs(), 0
     for step in steps:
@@ -53,7 +58,6 @@ def completion_logprobs(engine: Engine, steps: list) -> CompletionLogprobs:
     return out
 
 
-
 def forced_text(engine: Engine, prompt: Prompt, forced: bool) -> str:
     """The start of a forced tool call that the prompt already holds (after `[TOOL_CALLS]`)."""
     if not forced:
@@ -62,13 +66,17 @@ def forced_text(engine: Engine, prompt: Prompt, forced: bool) -> str:
     return engine.tokenizer.decode(ids[len(ids) - ids[::-1].index(engine.tokenizer.tool_calls_id) :])
 
 
-
 def sse(payload: Any) -> str:
     data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
 
 
-
 def error_event(err: BaseException) -> str:
-    kind = "invalid_request_error" if isinstance(err, UserError) else "service_unavailable" if isinstance(err, GenerationCancelled) else "server_error"
+    kind = (
+        "invalid_request_error"
+        if isinstance(err, UserError)
+        else "service_unavailable"
+        if isinstance(err, GenerationCancelled)
+        else "server_error"
+    )
     return sse({"error": {"message": str(err) or type(err).__name__, "type": kind, "param": None, "code": None}})

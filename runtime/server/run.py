@@ -41,7 +41,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise OptionError(f"cannot listen on {host}:{port}: {err.strerror or err} (network.host / network.port)") from None
+        raise OptionError(
+            f"cannot listen on {host}:{port}: {err.strerror or err} (network.host / network.port)"
+        ) from None
     sock.listen(2048)
     return sock
 
@@ -49,5 +51,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve_forever(settings: ServerConfig, keys: Keys | None, startup_model: str | None, sock: socket.socket) -> None:
     """Serve on the bound socket until interrupted."""
     app = server_app(settings, keys, startup_model=startup_model)
-    config = uvicorn.Config(app, host=settings.network.host, port=settings.network.port, log_level="info", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app, host=settings.network.host, port=settings.network.port, log_level="info", timeout_graceful_shutdown=2
+    )
     GracefulServer(config, app.state.host, settings.limits.shutdown_grace_seconds).run(sockets=[sock])

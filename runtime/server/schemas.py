@@ -29,7 +29,9 @@ class ContentPart(Lenient):
         if self.type == "text" and self.text is None:
             raise ValueError("a text part needs `text`")
         if self.type != "text" and self.image_url is None:
-            raise ValueError(f"an {self.type} part needs `image_url` (a data: URL, or an http(s)/file URL where enabled)")
+            raise ValueError(
+                f"an {self.type} part needs `image_url` (a data: URL, or an http(s)/file URL where enabled)"
+            )
         return self
 
     @property
@@ -114,7 +116,12 @@ class SamplingFields(Lenient):
     def _aliases(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for alias, name in (("typical_p", "typical"), ("rep_pen", "repetition_penalty"), ("stop_sequence", "stop"), ("max_length", "max_tokens")):
+            for alias, name in (
+                ("typical_p", "typical"),
+                ("rep_pen", "repetition_penalty"),
+                ("stop_sequence", "stop"),
+                ("max_length", "max_tokens"),
+            ):
                 if alias in data and data.get(name) is None:
                     data[name] = data.pop(alias)
         return data

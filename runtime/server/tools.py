@@ -43,6 +43,13 @@ def parse_tool_calls(text: str) -> list[ResponseToolCall] | None:
     out = []
     for index, call in enumerate(calls):
         arguments = call.get("arguments", {})
-        out.append(ResponseToolCall(index=index, id=str(call.get("id") or new_call_id()),
-                                    function=ResponseFunction(name=call["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))))  # fmt: skip
+        out.append(
+            ResponseToolCall(
+                index=index,
+                id=str(call.get("id") or new_call_id()),
+                function=ResponseFunction(
+                    name=call["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)
+                ),
+            )
+        )
     return out

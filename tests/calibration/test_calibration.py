@@ -70,7 +70,10 @@ def test_fit_image_respects_token_budget() -> None:
 
 
 def test_rendered_pictures_are_deterministic_and_answerable() -> None:
-    a, b = rendered_samples(6, seed=3, texts=["alpha beta gamma delta " * 30]), rendered_samples(6, seed=3, texts=["alpha beta gamma delta " * 30])
+    a, b = (
+        rendered_samples(6, seed=3, texts=["alpha beta gamma delta " * 30]),
+        rendered_samples(6, seed=3, texts=["alpha beta gamma delta " * 30]),
+    )
     assert [s.answer for s in a] == [s.answer for s in b]
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
     chart = bar_chart(random.Random(0))
@@ -96,7 +99,9 @@ def test_local_image_formats(tmp_path: Path) -> None:
     folder = tmp_path / "pics"
     folder.mkdir()
     Image.new("RGB", (40, 30), "red").save(folder / "red.png")
-    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "question": "Color?", "answer": "Red."}) + "\n")
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "red.png", "question": "Color?", "answer": "Red."}) + "\n"
+    )
     samples = read_image_samples(folder)
     assert len(samples) == 1 and samples[0].answer == "Red." and samples[0].image.size == (40, 30)
     listing = tmp_path / "pairs.jsonl"

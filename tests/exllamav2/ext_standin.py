@@ -161,9 +161,21 @@ def _reconstruct(qm: QMatrix) -> Tensor:
     return out
 
 
-def make_q_matrix(q_weight: Tensor, q_perm: Tensor, q_invperm: Tensor, q_scale: Tensor, q_scale_max: Tensor,
-                  q_groups: Tensor, q_group_map: Tensor, gptq_qzeros: Tensor, gptq_scales: Tensor, gptq_g_idx: Tensor,
-                  bias: Tensor, temp_dq: Tensor, max_dq_rows: int) -> int:  # fmt: skip
+def make_q_matrix(
+    q_weight: Tensor,
+    q_perm: Tensor,
+    q_invperm: Tensor,
+    q_scale: Tensor,
+    q_scale_max: Tensor,
+    q_groups: Tensor,
+    q_group_map: Tensor,
+    gptq_qzeros: Tensor,
+    gptq_scales: Tensor,
+    gptq_g_idx: Tensor,
+    bias: Tensor,
+    temp_dq: Tensor,
+    max_dq_rows: int,
+) -> int:
     """ext_qmatrix.cpp make_q_matrix (EXL2 only: GPTQ checkpoints are not ours), with its
     TORCH_CHECKs and the assumptions QMatrix's constructor and kernels make without checking."""
     if _is_none(q_scale):
@@ -201,14 +213,18 @@ def make_q_matrix(q_weight: Tensor, q_perm: Tensor, q_invperm: Tensor, q_scale: 
         if bits not in KERNEL_WIDTHS:
             raise RuntimeError(f"stand-in: group {i} has width {bits}; the kernels know {KERNEL_WIDTHS}")
         if next_qrow <= qrow or (next_qrow - qrow) * 32 % bits:
-            raise RuntimeError(f"stand-in: group {i} spans q_weight rows {qrow}..{next_qrow}, not whole {bits}-bit rows")
+            raise RuntimeError(
+                f"stand-in: group {i} spans q_weight rows {qrow}..{next_qrow}, not whole {bits}-bit rows"
+            )
         group_rows = (next_qrow - qrow) * 32 // bits
         if group_rows % ROW_STEP[bits]:
             raise RuntimeError(f"stand-in: group {i} has {group_rows} rows; the {bits}-bit loop steps {ROW_STEP[bits]}")
         rows[bits] = rows.get(bits, 0) + group_rows
         order.append(KERNEL_WIDTHS.index(bits))
     if order != sorted(order):
-        raise RuntimeError(f"stand-in: group widths {[gr[2 * i] for i in range(groups)]} are not in the kernels' order {KERNEL_WIDTHS}")
+        raise RuntimeError(
+            f"stand-in: group widths {[gr[2 * i] for i in range(groups)]} are not in the kernels' order {KERNEL_WIDTHS}"
+        )
     if sum(rows.values()) != height:
         raise RuntimeError(f"stand-in: groups hold {sum(rows.values())} rows, q_group_map {height}")
     perm = None
@@ -243,7 +259,7 @@ def reconstruct(q_handle: int, output: Tensor) -> None:
 
 def _gemm(a: Tensor, qm: QMatrix, clear: bool = True) -> Tensor:
     """gemm_half_q_half_cuda: c = bias + a @ W (cuBLAS half GEMM: fp32 accumulate, fp16 out)."""
-    out = (a.float() @ qm.weight().float())
+    out = a.float() @ qm.weight().float()
     if qm.bias is not None and clear:
         out += qm.bias.float()
     return out.half()
@@ -283,8 +299,16 @@ def softcap_(x: Tensor, scale: float) -> None:
     x.copy_((torch.tanh(x.float() / scale) * scale).to(x.dtype))
 
 
-def _rope(x: Tensor, sin: Tensor, cos: Tensor, past_len: int, past_lens: Tensor | None, num_heads: int,
-          head_dim: int, neox: bool) -> None:  # fmt: skip
+def _rope(
+    x: Tensor,
+    sin: Tensor,
+    cos: Tensor,
+    past_len: int,
+    past_lens: Tensor | None,
+    num_heads: int,
+    head_dim: int,
+    neox: bool,
+) -> None:
     """rope_cuda_arr_neox / _gptj in place on x viewed as [batch, rows, head_dim] (rows = tokens·heads):
     the position of row r is past_len + r // num_heads (past_len -1: each batch's past_lens entry;
     otherwise past_lens adds to it); only the first sincos_size columns rotate."""
@@ -313,8 +337,9 @@ def _rope(x: Tensor, sin: Tensor, cos: Tensor, past_len: int, past_lens: Tensor 
             xb[:, 1::2] = (odd.float() * c[:, 1::2].float() + even.float() * s[:, 1::2].float()).half()
 
 
-def rope_(x: Tensor, sin: Tensor, cos: Tensor, past_len: int, num_heads: int, head_dim: int, offsets: Tensor,
-          neox_style: bool) -> None:  # fmt: skip
+def rope_(
+    x: Tensor, sin: Tensor, cos: Tensor, past_len: int, num_heads: int, head_dim: int, offsets: Tensor, neox_style: bool
+) -> None:
     _check_dtype(x, torch.half, "x")
     _rope(x, sin, cos, past_len, None if _is_none(offsets) else offsets, num_heads, head_dim, neox_style)
 
@@ -338,12 +363,34 @@ class QAttn:
     residual_fp32: bool
 
 
-def make_q_attn(layernorm: Tensor, layernorm_bias: Tensor, layernorm_is_rms: bool, headnorm_is_rms: bool,
-                norm_epsilon: float, q_q_proj: int, q_k_proj: int, q_v_proj: int, q_o_proj: int, temp_state: Tensor,
-                temp_dq: Tensor, max_rows: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                max_seq_len: int, has_residual: bool, rope_style: int, sincos_size: int, q_norm: Tensor,
-                k_norm: Tensor, post_layernorm: Tensor, post_layernorm_bias: Tensor, residual_fp32: bool,
-                use_graphs: bool) -> int:  # fmt: skip
+def make_q_attn(
+    layernorm: Tensor,
+    layernorm_bias: Tensor,
+    layernorm_is_rms: bool,
+    headnorm_is_rms: bool,
+    norm_epsilon: float,
+    q_q_proj: int,
+    q_k_proj: int,
+    q_v_proj: int,
+    q_o_proj: int,
+    temp_state: Tensor,
+    temp_dq: Tensor,
+    max_rows: int,
+    hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    has_residual: bool,
+    rope_style: int,
+    sincos_size: int,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    post_layernorm: Tensor,
+    post_layernorm_bias: Tensor,
+    residual_fp32: bool,
+    use_graphs: bool,
+) -> int:
     if not layernorm_is_rms or not _is_none(q_norm) or not _is_none(k_norm) or not _is_none(post_layernorm):
         raise NotImplementedError("stand-in make_q_attn: only RMS pre-norm attention (Mistral/Llama)")
     _check_dtype(layernorm, torch.half, "layernorm", optional=True)
@@ -359,8 +406,11 @@ def make_q_attn(layernorm: Tensor, layernorm_bias: Tensor, layernorm_is_rms: boo
         raise RuntimeError("stand-in: q/k/v widths do not match the heads")
     if sincos_size != head_dim:
         raise NotImplementedError("stand-in make_q_attn: partial rotary")
-    return _new_handle(QAttn(norm, norm_epsilon, q, k, v, o, num_heads, num_kv_heads, head_dim, has_residual,
-                             rope_style, residual_fp32))  # fmt: skip
+    return _new_handle(
+        QAttn(
+            norm, norm_epsilon, q, k, v, o, num_heads, num_kv_heads, head_dim, has_residual, rope_style, residual_fp32
+        )
+    )
 
 
 def free_q_attn(handle: int) -> None:
@@ -371,9 +421,21 @@ def q_attn_set_loras(handle: int, *lora_maps: dict) -> int:
     return _no_loras(lora_maps)
 
 
-def q_attn_forward_1(q_attn: int, x: Tensor, batch_size: int, q_len: int, past_len: int, past_lens: Tensor,
-                     q_temp: Tensor, k_temp: Tensor, v_temp: Tensor, sin: Tensor, cos: Tensor, loras: list,
-                     loras_temp: Tensor) -> None:  # fmt: skip
+def q_attn_forward_1(
+    q_attn: int,
+    x: Tensor,
+    batch_size: int,
+    q_len: int,
+    past_len: int,
+    past_lens: Tensor,
+    q_temp: Tensor,
+    k_temp: Tensor,
+    v_temp: Tensor,
+    sin: Tensor,
+    cos: Tensor,
+    loras: list,
+    loras_temp: Tensor,
+) -> None:
     """QAttn::forward_cuda_1_run: norm x, project q/k/v into the temps, RoPE on q and k."""
     attn = _get(q_attn, QAttn)
     _check_dtype(x, torch.float if attn.residual_fp32 else torch.half, "x")
@@ -392,8 +454,9 @@ def q_attn_forward_1(q_attn: int, x: Tensor, batch_size: int, q_len: int, past_l
         _rope(k_temp.view(batch_size, -1), sin, cos, past_len, lens, attn.num_kv_heads, attn.head_dim, neox)
 
 
-def q_attn_forward_2(q_attn: int, x: Tensor, attn_output: Tensor, batch_size: int, q_len: int, loras: list,
-                     loras_temp: Tensor) -> None:  # fmt: skip
+def q_attn_forward_2(
+    q_attn: int, x: Tensor, attn_output: Tensor, batch_size: int, q_len: int, loras: list, loras_temp: Tensor
+) -> None:
     """QAttn::forward_cuda_2: x (+)= attn_output @ o_proj (accumulated onto x when has_residual)."""
     attn = _get(q_attn, QAttn)
     if loras:
@@ -418,10 +481,26 @@ class QMLP:
     residual_fp32: bool
 
 
-def make_q_mlp(layernorm: Tensor, layernorm_bias: Tensor, layernorm_is_rms: bool, norm_epsilon: float, q_gate: int,
-               q_up: int, q_down: int, temp_state: Tensor, temp_a: Tensor, temp_b: Tensor, temp_dq: Tensor,
-               max_rows: int, act_gelu: bool, has_residual: bool, post_layernorm: Tensor, post_layernorm_bias: Tensor,
-               residual_fp32: bool, use_graphs: bool) -> int:  # fmt: skip
+def make_q_mlp(
+    layernorm: Tensor,
+    layernorm_bias: Tensor,
+    layernorm_is_rms: bool,
+    norm_epsilon: float,
+    q_gate: int,
+    q_up: int,
+    q_down: int,
+    temp_state: Tensor,
+    temp_a: Tensor,
+    temp_b: Tensor,
+    temp_dq: Tensor,
+    max_rows: int,
+    act_gelu: bool,
+    has_residual: bool,
+    post_layernorm: Tensor,
+    post_layernorm_bias: Tensor,
+    residual_fp32: bool,
+    use_graphs: bool,
+) -> int:
     if not layernorm_is_rms or not _is_none(post_layernorm):
         raise NotImplementedError("stand-in make_q_mlp: only RMS pre-norm MLPs (Mistral/Llama)")
     _check_dtype(layernorm, torch.half, "layernorm", optional=True)
@@ -473,8 +552,15 @@ def q_mlp_forward_(q_mlp: int, x: Tensor, loras: list, loras_temp: Tensor) -> No
 # --- sampling (ext_sampling.cpp, cpp/sampling.cpp, cpp/generator.cpp) ------------------------------
 
 
-def apply_rep_penalty(sequence: Tensor, penalty_max: float, sustain: int, decay: int, alpha_frequency: float,
-                      alpha_presence: float, logits: Tensor) -> None:  # fmt: skip
+def apply_rep_penalty(
+    sequence: Tensor,
+    penalty_max: float,
+    sustain: int,
+    decay: int,
+    alpha_frequency: float,
+    alpha_presence: float,
+    logits: Tensor,
+) -> None:
     """cpp/sampling.cpp apply_rep_penalty_cpu: over the last `sustain + decay` tokens (newest first),
     the penalty fades from penalty_max to 1 across `decay`; each distinct token is penalised once
     (positive logits divided, negative multiplied) and frequency/presence subtract per occurrence."""
@@ -513,21 +599,52 @@ def fast_copy_cpu(dst: Tensor, src: Tensor) -> None:
     dst.copy_(src)
 
 
-def sample_basic(logits: Tensor, temperature: float, top_k: int, top_p: float, top_a: float, min_p: float, tfs: float,
-                 typical: float, random: float, output_tokens: Tensor, output_probs: Tensor, output_kprobs: Tensor,
-                 output_ktokens: Tensor, logit_filter: Tensor, mirostat: bool, mirostat_mu: list[float],
-                 mirostat_tau: float, mirostat_eta: float, post_temperature: float, xtc_mask: Tensor,
-                 xtc_probability: float = 0.0, xtc_threshold: float = 0.1, min_temp: float = 0, max_temp: float = 0.0,
-                 temp_exponent: float = 1.0, smoothing_factor: float = 0.0, skew: float = 0.0) -> list[float]:  # fmt: skip
+def sample_basic(
+    logits: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    top_a: float,
+    min_p: float,
+    tfs: float,
+    typical: float,
+    random: float,
+    output_tokens: Tensor,
+    output_probs: Tensor,
+    output_kprobs: Tensor,
+    output_ktokens: Tensor,
+    logit_filter: Tensor,
+    mirostat: bool,
+    mirostat_mu: list[float],
+    mirostat_tau: float,
+    mirostat_eta: float,
+    post_temperature: float,
+    xtc_mask: Tensor,
+    xtc_probability: float = 0.0,
+    xtc_threshold: float = 0.1,
+    min_temp: float = 0,
+    max_temp: float = 0.0,
+    temp_exponent: float = 1.0,
+    smoothing_factor: float = 0.0,
+    skew: float = 0.0,
+) -> list[float]:
     """ext_sampling.cpp sample_basic for temperature, top-k, top-p and min-p (the filters the
     project sends); the others raise. Candidates are kept in descending probability."""
     _check_dtype(logits, torch.float, "logits")
     _check_dtype(output_tokens, torch.long, "output_tokens")
     _check_dtype(output_probs, torch.float, "output_probs")
     _check_dtype(logit_filter, torch.bool, "logit_filter", optional=True)
-    unsupported = {"top_a": top_a > 0, "tfs": 0 < tfs < 1, "typical": 0 < typical < 1, "mirostat": mirostat,
-                   "xtc": xtc_probability > 0, "dynamic temperature": max_temp > min_temp,
-                   "post temperature": post_temperature != 1.0, "smoothing": smoothing_factor > 0, "skew": skew != 0}  # fmt: skip
+    unsupported = {
+        "top_a": top_a > 0,
+        "tfs": 0 < tfs < 1,
+        "typical": 0 < typical < 1,
+        "mirostat": mirostat,
+        "xtc": xtc_probability > 0,
+        "dynamic temperature": max_temp > min_temp,
+        "post temperature": post_temperature != 1.0,
+        "smoothing": smoothing_factor > 0,
+        "skew": skew != 0,
+    }
     if any(unsupported.values()):
         raise NotImplementedError(f"stand-in sample_basic: {[k for k, v in unsupported.items() if v]}")
     if temperature < 0.01:

@@ -54,14 +54,23 @@ def device_patches() -> dict[str, Any]:
     """torch.cuda attribute -> CPU stand-in; one device with MEMORY bytes."""
     props = SimpleNamespace(major=8, minor=0, total_memory=MEMORY, name="stand-in (CPU)", multi_processor_count=1)
     return {
-        "Stream": _Stream, "stream": lambda *a, **k: contextlib.nullcontext(), "device": lambda *a, **k: contextlib.nullcontext(),
-        "set_device": lambda *a, **k: None, "set_stream": lambda *a, **k: None, "synchronize": lambda *a, **k: None,
-        "empty_cache": lambda: None, "device_count": lambda: 1, "current_device": lambda: 0,
-        "get_device_properties": lambda *a: props, "get_device_capability": lambda *a: (8, 0),
-        "mem_get_info": lambda *a: (MEMORY, MEMORY), "memory_allocated": lambda *a: 0,
-        "max_memory_allocated": lambda *a: 0, "reset_peak_memory_stats": lambda *a: None,
+        "Stream": _Stream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "device": lambda *a, **k: contextlib.nullcontext(),
+        "set_device": lambda *a, **k: None,
+        "set_stream": lambda *a, **k: None,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "device_count": lambda: 1,
+        "current_device": lambda: 0,
+        "get_device_properties": lambda *a: props,
+        "get_device_capability": lambda *a: (8, 0),
+        "mem_get_info": lambda *a: (MEMORY, MEMORY),
+        "memory_allocated": lambda *a: 0,
+        "max_memory_allocated": lambda *a: 0,
+        "reset_peak_memory_stats": lambda *a: None,
         "current_stream": lambda *a: _Stream(),
-    }  # fmt: skip
+    }
 
 
 @contextlib.contextmanager

@@ -117,8 +117,22 @@ def test_chat_on_exllamav2_answers_a_picture_question(exllamav2: Any, demo_tiers
     demo, tiers = demo_tiers
     q = _questions(demo)[0]
     script = [f"/image {demo / 'examples' / q['image']}", q["question"]]
-    result = CliRunner().invoke(app, ["chat", str(tiers["4.0bpw"]), "--backend", "exllamav2", "--temperature", "0",
-                                      "--max-tokens", "16", "--context", "1024"], input="\n".join(script) + "\n")  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "chat",
+            str(tiers["4.0bpw"]),
+            "--backend",
+            "exllamav2",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--context",
+            "1024",
+        ],
+        input="\n".join(script) + "\n",
+    )
     assert result.exit_code == 0, result.output
     replies = [line.removeprefix("model>").strip() for line in result.output.splitlines() if line.startswith("model>")]
     assert replies == [q["answer"]], result.output
@@ -135,8 +149,17 @@ def test_serve_on_exllamav2_answers_a_picture_question(exllamav2: Any, demo_tier
     models = models_folder(tmp_path / "models", ("demo-4.0", tiers["4.0bpw"]))
     config = ServerConfig(model=ModelConfig(model_dir=str(models), backend="exllamav2", max_seq_len=1024))
     url = "data:image/png;base64," + base64.b64encode((demo / "examples" / q["image"]).read_bytes()).decode()
-    body = {"model": "demo-4.0", "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": q["question"]}]}]}  # fmt: skip
+    body = {
+        "model": "demo-4.0",
+        "max_tokens": 16,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": q["question"]}],
+            }
+        ],
+    }
     with running_server(config, "demo-4.0") as server:
         card = httpx.get(f"{server.url}/v1/model", headers=API, timeout=30).json()
         assert card["parameters"]["backend"] == "exllamav2" and "causal mask" in card["parameters"]["attention"]

@@ -32,16 +32,35 @@ def _worked_example(perm: torch.Tensor | None = None, q_groups: list[int] | None
     q_scale[0, 0] = _i32(int(GOLDEN["group0_q_scale_word0"], 16))
     q_scale[1, 0] = GOLDEN["group1_qscale_col0"] - 1  # the spec gives qscale = code + 1
     q_groups_t = torch.tensor(q_groups or GOLDEN["q_groups"], dtype=torch.short)
-    return {"q_weight": q_weight, "q_scale": q_scale, "q_groups": q_groups_t, "rows": rows, "perm": perm,
-            "q_scale_max": torch.tensor(GOLDEN["q_scale_max_stored"], dtype=torch.half) / 256}  # fmt: skip
+    return {
+        "q_weight": q_weight,
+        "q_scale": q_scale,
+        "q_groups": q_groups_t,
+        "rows": rows,
+        "perm": perm,
+        "q_scale_max": torch.tensor(GOLDEN["q_scale_max_stored"], dtype=torch.half) / 256,
+    }
 
 
 def _make(w: dict) -> int:
     perm = w["perm"]
     invperm = torch.argsort(perm).short() if perm is not None else NONE
     group_map = ext.make_group_map(w["q_groups"], w["q_weight"].shape[0])
-    return ext.make_q_matrix(w["q_weight"], perm.short() if perm is not None else NONE, invperm, w["q_scale"],
-                             w["q_scale_max"], w["q_groups"], group_map, NONE, NONE, NONE, NONE, NONE, 0)  # fmt: skip
+    return ext.make_q_matrix(
+        w["q_weight"],
+        perm.short() if perm is not None else NONE,
+        invperm,
+        w["q_scale"],
+        w["q_scale_max"],
+        w["q_groups"],
+        group_map,
+        NONE,
+        NONE,
+        NONE,
+        NONE,
+        NONE,
+        0,
+    )
 
 
 def _weight(handle: int, shape: tuple[int, int] = (64, 32)) -> torch.Tensor:
@@ -91,8 +110,21 @@ def test_what_the_kernels_assume_is_refused(change, message: str) -> None:
 def test_gemm_adds_the_bias_to_a_times_w() -> None:
     w = _worked_example()
     bias = torch.linspace(-1, 1, 32).half()
-    handle = ext.make_q_matrix(w["q_weight"], NONE, NONE, w["q_scale"], w["q_scale_max"], w["q_groups"],
-                               ext.make_group_map(w["q_groups"], 6), NONE, NONE, NONE, bias, NONE, 0)  # fmt: skip
+    handle = ext.make_q_matrix(
+        w["q_weight"],
+        NONE,
+        NONE,
+        w["q_scale"],
+        w["q_scale_max"],
+        w["q_groups"],
+        ext.make_group_map(w["q_groups"], 6),
+        NONE,
+        NONE,
+        NONE,
+        bias,
+        NONE,
+        0,
+    )
     a = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).half()
     c = torch.empty(3, 32, dtype=torch.half)
     ext.gemm_half_q_half(a, handle, c, False)
@@ -135,16 +167,47 @@ def test_neox_rope_rotates_half_pairs_by_position() -> None:
     ext.rope_(rotated, emb.sin().half(), emb.cos().half(), past, heads, dim, NONE, True)
     for t in range(tokens):
         angle = (past + t) * inv  # rotate-half: (x_i, x_{i+d/2}) as a complex number times e^{i·angle}
-        z = torch.complex(x[0, t, :, : dim // 2].double(), x[0, t, :, dim // 2 :].double()) * torch.polar(torch.ones(dim // 2, dtype=torch.double), angle.double())
+        z = torch.complex(x[0, t, :, : dim // 2].double(), x[0, t, :, dim // 2 :].double()) * torch.polar(
+            torch.ones(dim // 2, dtype=torch.double), angle.double()
+        )
         torch.testing.assert_close(rotated[0, t].double(), torch.cat([z.real, z.imag], -1), atol=4e-3, rtol=4e-3)
 
 
 def _sample(logits: list[float], **settings) -> tuple[int, float]:
     row = torch.tensor([[logits]], dtype=torch.float)
     tokens, probs = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)
-    kw = {"temperature": 1.0, "top_k": 0, "top_p": 0.0, "top_a": 0.0, "min_p": 0.0, "tfs": 0.0, "typical": 0.0, "random": 0.5} | settings
-    ext.sample_basic(row, kw["temperature"], kw["top_k"], kw["top_p"], kw["top_a"], kw["min_p"], kw["tfs"], kw["typical"], kw["random"],
-                     tokens, probs, NONE, NONE, NONE, False, [], 0.0, 0.0, 1.0, NONE)  # fmt: skip
+    kw = {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 0.0,
+        "top_a": 0.0,
+        "min_p": 0.0,
+        "tfs": 0.0,
+        "typical": 0.0,
+        "random": 0.5,
+    } | settings
+    ext.sample_basic(
+        row,
+        kw["temperature"],
+        kw["top_k"],
+        kw["top_p"],
+        kw["top_a"],
+        kw["min_p"],
+        kw["tfs"],
+        kw["typical"],
+        kw["random"],
+        tokens,
+        probs,
+        NONE,
+        NONE,
+        NONE,
+        False,
+        [],
+        0.0,
+        0.0,
+        1.0,
+        NONE,
+    )
     return int(tokens[0, 0]), float(probs[0, 0])
 
 

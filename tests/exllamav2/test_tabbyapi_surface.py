@@ -65,9 +65,12 @@ def _tabby_prompt(template: str, messages: list[dict], aliases: list[str], add_b
             content = "".join(p["text"] if p["type"] == "text" else next(images) for p in content)
         flat.append({"role": m["role"], "content": content})
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda v, indent=None, ensure_ascii=True: json.dumps(v, indent=indent, ensure_ascii=ensure_ascii)
-    prompt = env.from_string(template).render(messages=flat, bos_token="<s>", eos_token="</s>", add_generation_prompt=True,
-                                              tools=None, functions=None)  # fmt: skip
+    env.filters["tojson"] = lambda v, indent=None, ensure_ascii=True: json.dumps(
+        v, indent=indent, ensure_ascii=ensure_ascii
+    )
+    prompt = env.from_string(template).render(
+        messages=flat, bos_token="<s>", eos_token="</s>", add_generation_prompt=True, tools=None, functions=None
+    )
     return prompt.removeprefix("<s>") if add_bos else prompt
 
 
@@ -78,8 +81,15 @@ def _messages(turns: list) -> tuple[list[dict], list[Any]]:
             ours.append({"role": "assistant", "content": turn})
             theirs.append(AssistantMessage(content=turn))
             continue
-        ours.append({"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in turn]})
-        theirs.append(UserMessage(content=[TextChunk(text=p) if isinstance(p, str) else ImageChunk(image=p) for p in turn]))
+        ours.append(
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in turn],
+            }
+        )
+        theirs.append(
+            UserMessage(content=[TextChunk(text=p) if isinstance(p, str) else ImageChunk(image=p) for p in turn])
+        )
     return ours, theirs
 
 
@@ -99,7 +109,9 @@ def _collapse(ids: list[int], is_image: Any, span_end: Any) -> list[int]:
 
 @pytest.mark.parametrize("kind", ["tekken", "spm"])
 @pytest.mark.parametrize("case", sorted(CONVERSATIONS))
-def test_tabbyapis_chat_path_gives_mistral_commons_ids_around_images(exllamav2: Any, kind: str, case: str, request) -> None:
+def test_tabbyapis_chat_path_gives_mistral_commons_ids_around_images(
+    exllamav2: Any, kind: str, case: str, request
+) -> None:
     from exllamav2.generator import ExLlamaV2MMEmbedding
 
     model_dir = request.getfixturevalue("tiny_model" if kind == "tekken" else "tiny_spm_model")
@@ -108,8 +120,12 @@ def test_tabbyapis_chat_path_gives_mistral_commons_ids_around_images(exllamav2: 
     ours, theirs = _messages(CONVERSATIONS[case])
     n_images = sum(1 for m in ours if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
     embeddings = [ExLlamaV2MMEmbedding(model, torch.zeros(3, config.hidden_size)) for _ in range(n_images)]
-    prompt = _tabby_prompt(PixtralTokenizer(model_dir).chat_template, ours, [e.text_alias for e in embeddings], _add_bos(model_dir))
-    ids = tokenizer.encode(prompt, add_bos=_add_bos(model_dir), encode_special_tokens=True, embeddings=embeddings)[0].tolist()
+    prompt = _tabby_prompt(
+        PixtralTokenizer(model_dir).chat_template, ours, [e.text_alias for e in embeddings], _add_bos(model_dir)
+    )
+    ids = tokenizer.encode(prompt, add_bos=_add_bos(model_dir), encode_special_tokens=True, embeddings=embeddings)[
+        0
+    ].tolist()
     first = min(e.first_index for e in embeddings)
     got = _collapse(ids, lambda t: t >= first, lambda t: any(t == e.first_index + e.length - 1 for e in embeddings))
 

@@ -56,7 +56,9 @@ def test_never_over_budget_and_within_the_greedy_bound_of_optimal() -> None:
 
 def test_error_falls_as_budget_grows() -> None:
     rng = random.Random(1)
-    options = [_slot(list(range(10, 90, 8)), sorted((rng.random() for _ in range(10)), reverse=True)) for _ in range(12)]
+    options = [
+        _slot(list(range(10, 90, 8)), sorted((rng.random() for _ in range(10)), reverse=True)) for _ in range(12)
+    ]
     errors = []
     for budget in range(12 * 10, 12 * 82, 40):
         choice = allocate(options, budget)

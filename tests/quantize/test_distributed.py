@@ -27,7 +27,18 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.distributed
 
 TIERS = "3.0,4.0,6.0"
-FLAGS = ["--recipe", "demo", "--bpw", TIERS, "--rows", "8", "--measure-rows", "4", "--length", "128"]  # the demo recipe, smaller
+FLAGS = [
+    "--recipe",
+    "demo",
+    "--bpw",
+    TIERS,
+    "--rows",
+    "8",
+    "--measure-rows",
+    "4",
+    "--length",
+    "128",
+]  # the demo recipe, smaller
 REPO = Path(__file__).parents[2]
 
 
@@ -57,7 +68,9 @@ def _cli(source: Path, out: Path) -> list[str]:
 
 def test_two_workers_write_the_bytes_of_one_process(one_process: tuple[Path, Path], tmp_path: Path) -> None:
     source, reference = one_process
-    result = subprocess.run(_cli(source, tmp_path / "two"), cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        _cli(source, tmp_path / "two"), cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "worker 2" in result.stdout + result.stderr  # progress names the worker that finished each task
     _same_bytes(reference, tmp_path / "two")
@@ -90,8 +103,23 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
     # a short temp dir: Ray's sockets live there and a Unix socket path holds 107 bytes at most
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
     ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            str(ray),
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"127.0.0.1:{port}", env
     finally:
@@ -102,14 +130,22 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
-def test_on_a_ray_cluster_a_worker_killed_mid_job_is_restarted_and_the_bytes_stay(one_process: tuple[Path, Path], tmp_path: Path,
-                                                                                  ray_cluster: tuple[str, dict]) -> None:  # fmt: skip
+def test_on_a_ray_cluster_a_worker_killed_mid_job_is_restarted_and_the_bytes_stay(
+    one_process: tuple[Path, Path], tmp_path: Path, ray_cluster: tuple[str, dict]
+) -> None:
     """`--ray ADDRESS --workers 2` on a cluster of 2: a worker killed with SIGKILL while the tiers run
     is restarted by Ray and its task run again; the output is byte for byte the one-process one."""
     source, reference = one_process
     address, env = ray_cluster
     out = tmp_path / "killed"
-    job = subprocess.Popen(_cli(source, out) + ["--ray", address], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        _cli(source, out) + ["--ray", address],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, killed = [], None
     assert job.stdout is not None
     for line in job.stdout:
@@ -124,20 +160,38 @@ def test_on_a_ray_cluster_a_worker_killed_mid_job_is_restarted_and_the_bytes_sta
     _same_bytes(reference, out)
 
 
-def test_workers_without_ray_say_how_to_install_it(one_process: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_without_ray_say_how_to_install_it(
+    one_process: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source, _ = one_process
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     started = time.monotonic()
-    result = CliRunner().invoke(app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--workers", "2"])
-    assert result.exit_code == 2 and 'pip install -e ".[distributed]"' in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--workers", "2"]
+    )
+    assert (
+        result.exit_code == 2
+        and 'pip install -e ".[distributed]"' in result.output
+        and "Traceback" not in result.output
+    )
     assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()  # refused before any work
 
 
-@pytest.mark.parametrize(("address", "message"), [("", "--ray: expected host:port"), ("nonsense", "--ray: expected host:port"),
-                                                  ("127.0.0.1:9", "no Ray cluster answers there")])  # fmt: skip
-def test_a_bad_cluster_address_fails_in_seconds_before_any_work(one_process: tuple[Path, Path], tmp_path: Path, address: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("", "--ray: expected host:port"),
+        ("nonsense", "--ray: expected host:port"),
+        ("127.0.0.1:9", "no Ray cluster answers there"),
+    ],
+)
+def test_a_bad_cluster_address_fails_in_seconds_before_any_work(
+    one_process: tuple[Path, Path], tmp_path: Path, address: str, message: str
+) -> None:
     source, _ = one_process
     started = time.monotonic()
-    result = CliRunner().invoke(app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--ray", address])
+    result = CliRunner().invoke(
+        app, ["quantize", str(source), str(tmp_path / "out"), "--recipe", "demo", "--bpw", "4.0", "--ray", address]
+    )
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()

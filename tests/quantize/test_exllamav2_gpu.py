@@ -18,8 +18,19 @@ from tests.support.synthetic import SyntheticSpec, write_random_model
 pytestmark = pytest.mark.gpu
 
 # kernel-friendly sizes (multiples of 128, head_dim 64), still small
-GPU_SPEC = SyntheticSpec(hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                         vision_hidden_size=128, vision_intermediate_size=256, vision_heads=2, tokenizer="spm", seed=5)  # fmt: skip
+GPU_SPEC = SyntheticSpec(
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    vision_hidden_size=128,
+    vision_intermediate_size=256,
+    vision_heads=2,
+    tokenizer="spm",
+    seed=5,
+)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ def test_weight_equals_exl2_reconstruction(hi: int, lo: int, hi_rows: int) -> No
     result = gptq_quantize(W, prepare_hessian(H), plan)
     tensors = pack_exl2(result, plan)
     assert tensors["q_weight"].shape[1] == 96
-    rebuilt = dequantize(tensors["q_weight"], tensors["q_scale"], tensors["q_scale_max"], tensors["q_groups"], tensors["q_invperm"])
+    rebuilt = dequantize(
+        tensors["q_weight"], tensors["q_scale"], tensors["q_scale_max"], tensors["q_groups"], tensors["q_invperm"]
+    )
     assert torch.equal(rebuilt[:72].float(), result.weight)
     assert torch.equal(rebuilt[72:], torch.zeros(24, 256, dtype=torch.float16))
 
@@ -106,7 +108,9 @@ def test_coarse_to_fine_scale_search_matches_the_full_grid() -> None:
     from quantize.gptq import quantize_group
 
     gen = torch.Generator().manual_seed(5)
-    W = torch.randn(384, 1024, generator=gen) * 0.02 * torch.exp(0.7 * torch.randn(1024, generator=gen))  # heavy-ish column scales
+    W = (
+        torch.randn(384, 1024, generator=gen) * 0.02 * torch.exp(0.7 * torch.randn(1024, generator=gen))
+    )  # heavy-ish column scales
     gains = torch.exp(0.5 * torch.randn(1024, generator=gen))
     outliers = gains.clone()
     outliers[torch.randperm(1024, generator=gen)[:10]] *= 30  # 1 % of the input channels 30× larger

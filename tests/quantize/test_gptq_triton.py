@@ -23,7 +23,18 @@ def _group(rows: int, columns: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # every width, ragged group heights (2-bit groups step 16 rows, the others 32) and column counts
-CASES = [(2, 16, 40), (2, 48, 70), (3, 32, 64), (3, 96, 33), (4, 64, 70), (4, 128, 40), (5, 32, 33), (6, 96, 64), (8, 128, 70), (8, 32, 40)]
+CASES = [
+    (2, 16, 40),
+    (2, 48, 70),
+    (3, 32, 64),
+    (3, 96, 33),
+    (4, 64, 70),
+    (4, 128, 40),
+    (5, 32, 33),
+    (6, 96, 64),
+    (8, 128, 70),
+    (8, 32, 40),
+]
 
 
 @pytest.mark.parametrize("bits,rows,columns", CASES)
@@ -37,7 +48,9 @@ def test_group_kernel_equals_the_reference(bits: int, rows: int, columns: int) -
     assert (got.codes.int() - ref.codes.int()).abs().max() <= 1  # a fused multiply-add may move a code by one
     # where a code moved, the error fed to the rows below moves with it: compare the columns it left alone
     untouched = (got.codes == ref.codes).all(dim=0)
-    torch.testing.assert_close(got.Err[:, untouched], ref.Err[:, untouched], atol=1e-4 * float(ref.Err.abs().max()), rtol=0)
+    torch.testing.assert_close(
+        got.Err[:, untouched], ref.Err[:, untouched], atol=1e-4 * float(ref.Err.abs().max()), rtol=0
+    )
     assert untouched.float().mean() >= 0.9
 
 

@@ -25,8 +25,19 @@ from quantize.job import QuantizeConfig
 from quantize.pipeline import run_quantize
 from tests.support.synthetic import SyntheticSpec, write_random_model
 
-QUANT_SPEC = SyntheticSpec(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                           vision_hidden_size=64, vision_intermediate_size=128, vision_heads=2, tokenizer="spm", seed=3)  # fmt: skip
+QUANT_SPEC = SyntheticSpec(
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    vision_hidden_size=64,
+    vision_intermediate_size=128,
+    vision_heads=2,
+    tokenizer="spm",
+    seed=3,
+)
 TIERS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 CALIBRATION = CalibrationSpec(rows=8, measure_rows=4, length=192, image_fraction=0.25)
 BPW_TOLERANCE = 0.01
@@ -46,17 +57,36 @@ def job(source: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _prompts(tokenizer: PixtralTokenizer) -> list[tuple[list[int], list[np.ndarray]]]:
     """Held-out prompts: text questions, and questions about pictures not used in calibration."""
-    texts = ["What is the capital of Norway?", "Write a haiku about rain.", "Explain recursion to a child.",
-             "List three prime numbers.", "Translate 'good morning' into French.", "Why is the sky blue?",
-             "def fib(n):", "Summarize the plot of Hamlet in one sentence."]  # fmt: skip
+    texts = [
+        "What is the capital of Norway?",
+        "Write a haiku about rain.",
+        "Explain recursion to a child.",
+        "List three prime numbers.",
+        "Translate 'good morning' into French.",
+        "Why is the sky blue?",
+        "def fib(n):",
+        "Summarize the plot of Hamlet in one sentence.",
+    ]
     prompts = [(tokenizer.encode_chat([{"role": "user", "content": t}]), []) for t in texts]
     rng = random.Random(1234)
     pictures = [bar_chart(rng), table(rng), bar_chart(rng)]
-    pictures.append(type(pictures[0])(Image.fromarray(np.random.default_rng(5).integers(0, 255, (60, 90, 3), dtype=np.uint8)), "What is this?", "", "noise"))
+    pictures.append(
+        type(pictures[0])(
+            Image.fromarray(np.random.default_rng(5).integers(0, 255, (60, 90, 3), dtype=np.uint8)),
+            "What is this?",
+            "",
+            "noise",
+        )
+    )
     for picture in pictures:
-        tokens, pixels = encode_image(picture.image.resize((picture.image.width // 3, picture.image.height // 3)), tokenizer.image_ids)
+        tokens, pixels = encode_image(
+            picture.image.resize((picture.image.width // 3, picture.image.height // 3)), tokenizer.image_ids
+        )
         rows, cols = pixels.shape[1] // 16, pixels.shape[2] // 16
-        ids = tokenizer.encode_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": picture.question}]}], [(rows, cols)])
+        ids = tokenizer.encode_chat(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": picture.question}]}],
+            [(rows, cols)],
+        )
         prompts.append((ids, [pixels]))
     return prompts
 
@@ -93,7 +123,10 @@ def test_vision_tower_and_projector_are_bit_identical(job, source: Path) -> None
             with Checkpoint(result.path) as dst:
                 for name in names:
                     assert src.dtype(name) == dst.dtype(name)
-                    assert torch.equal(src.get(name).view(torch.int16), dst.get(name).view(torch.int16)), (result.name, name)
+                    assert torch.equal(src.get(name).view(torch.int16), dst.get(name).view(torch.int16)), (
+                        result.name,
+                        name,
+                    )
 
 
 def test_heldout_error_falls_monotonically_with_bpw(job, source: Path) -> None:
@@ -129,8 +162,14 @@ def test_gptq_beats_round_to_nearest_at_the_same_bits(job, source: Path) -> None
 
 def test_measurement_is_reused_without_measuring(job, source: Path, tmp_path: Path) -> None:
     out, results = job
-    config = QuantizeConfig(source, tmp_path / "again", (4.0,), calibration=CALIBRATION, measurement=out / "measurement.json",
-                            keep_work=True)  # fmt: skip
+    config = QuantizeConfig(
+        source,
+        tmp_path / "again",
+        (4.0,),
+        calibration=CALIBRATION,
+        measurement=out / "measurement.json",
+        keep_work=True,
+    )
     (again,) = run_quantize(config)
     state = json.loads((tmp_path / "again" / ".work" / "job.json").read_text())
     assert state["timings"]["measure"] < 0.5  # skipped
@@ -142,16 +181,28 @@ def test_measurement_is_reused_without_measuring(job, source: Path, tmp_path: Pa
 
 def _exllamav2_measurement(source: Path) -> dict:
     """A measurement.json in exllamav2's own layout (per-block rows of QParams with an accuracy)."""
+
     def qp(bits: list[int], prop: list[float], gs: int) -> dict:
         return {"group_size": {str(b): gs for b in bits}, "bits": bits, "bits_prop": prop, "scale_bits": 4}
 
-    rows = [(qp([3, 2], [0.1, 0.9], 32), 0.90), (qp([4, 3], [0.1, 0.9], 64), 0.95), (qp([4], [1.0], 128), 0.97),
-            (qp([6, 5], [0.1, 0.9], 128), 0.99), (qp([8], [1.0], 128), 0.999)]  # fmt: skip
+    rows = [
+        (qp([3, 2], [0.1, 0.9], 32), 0.90),
+        (qp([4, 3], [0.1, 0.9], 64), 0.95),
+        (qp([4], [1.0], 128), 0.97),
+        (qp([6, 5], [0.1, 0.9], 128), 0.99),
+        (qp([8], [1.0], 128), 0.999),
+    ]
     measurement = {}
     for layer in range(QUANT_SPEC.num_layers):
         prefix = f"language_model.model.layers.{layer}"
-        measurement[f"{prefix}.self_attn"] = [{"accuracy": acc, "total_bits": 0, **{p: q for p in ("q_proj", "k_proj", "v_proj", "o_proj")}} for q, acc in rows]
-        measurement[f"{prefix}.mlp"] = [{"accuracy": acc, "total_bits": 0, **{p: q for p in ("gate_proj", "up_proj", "down_proj")}} for q, acc in rows]
+        measurement[f"{prefix}.self_attn"] = [
+            {"accuracy": acc, "total_bits": 0, **{p: q for p in ("q_proj", "k_proj", "v_proj", "o_proj")}}
+            for q, acc in rows
+        ]
+        measurement[f"{prefix}.mlp"] = [
+            {"accuracy": acc, "total_bits": 0, **{p: q for p in ("gate_proj", "up_proj", "down_proj")}}
+            for q, acc in rows
+        ]
     measurement["language_model.model.norm.norm"] = None
     measurement["language_model.lm_head.linear"] = None
     return {"measurement": measurement, "last_module_idx": 2 * QUANT_SPEC.num_layers + 1}
@@ -164,5 +215,7 @@ def test_exllamav2_measurement_is_accepted(source: Path, tmp_path: Path) -> None
     (result,) = run_quantize(config)
     assert 3.9 <= result.bpw <= 4.0  # whole-block rows are coarse: close to the target, never above it
     with EXL2Checkpoint(result.path) as ckpt:
-        widths = {bits for prefix in ckpt.layers if ".layers." in prefix for bits, _ in ckpt.summary(prefix).plan.groups}
+        widths = {
+            bits for prefix in ckpt.layers if ".layers." in prefix for bits, _ in ckpt.summary(prefix).plan.groups
+        }
     assert widths <= {2, 3, 4, 5, 6, 8} and len(widths) > 1

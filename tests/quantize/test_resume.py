@@ -84,7 +84,20 @@ def test_finished_tiers_are_kept_and_existing_output_refused(tmp_path: Path) -> 
     before = shard.stat().st_mtime_ns
 
     runner = CliRunner()
-    args = ["quantize", str(source), str(out), "--bpw", "4.0", "--rows", "4", "--measure-rows", "2", "--length", "96", "--text-only"]
+    args = [
+        "quantize",
+        str(source),
+        str(out),
+        "--bpw",
+        "4.0",
+        "--rows",
+        "4",
+        "--measure-rows",
+        "2",
+        "--length",
+        "96",
+        "--text-only",
+    ]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and "already exists" in refused.output
     resumed = runner.invoke(app, args + ["--resume"])  # nothing left to do for a finished tier
@@ -93,3 +106,19 @@ def test_finished_tiers_are_kept_and_existing_output_refused(tmp_path: Path) -> 
     forced = runner.invoke(app, args + ["--force"])
     assert forced.exit_code == 0, forced.output
     assert next((out / "4.0bpw").glob("output-*.safetensors")).stat().st_mtime_ns != before
+
+
+def test_resume_after_a_stop_before_the_first_save_point_starts_again(tmp_path: Path) -> None:
+    """A job stopped after creating its work folder but before saving its job file (the stop message
+    says --resume): --resume runs the job from the start; a folder without .work is still refused."""
+    source = write_random_model(tmp_path / "model", SyntheticSpec(tokenizer="spm", seed=12))
+    args = ["--bpw", "4.0", "--rows", "4", "--measure-rows", "2", "--length", "96", "--text-only", "--resume"]
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    refused = CliRunner().invoke(app, ["quantize", str(source), str(stray), *args])
+    assert refused.exit_code == 2 and "no unfinished quantize job" in refused.output, refused.output
+    out = tmp_path / "out"
+    (out / ".work").mkdir(parents=True)  # as the job leaves it when stopped before its first save point
+    resumed = CliRunner().invoke(app, ["quantize", str(source), str(out), *args])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "4.0bpw" / "config.json").is_file() and not (out / ".work").exists()

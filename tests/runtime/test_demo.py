@@ -24,7 +24,11 @@ MIN_EXAMPLE_ACCURACY = 0.8  # only 24 example questions: at 0.965, three misses 
 
 
 def test_answers_follow_the_scene() -> None:
-    scene = (Thing("circle", "red", "top left"), Thing("square", "red", "bottom right"), Thing("circle", "blue", "top right"))
+    scene = (
+        Thing("circle", "red", "top left"),
+        Thing("square", "red", "bottom right"),
+        Thing("circle", "blue", "top right"),
+    )
     qa = dict(scene_questions(scene))
     assert qa["How many shapes are there?"] == "There are three shapes."
     assert qa["How many red shapes are there?"] == "There are two red shapes."
@@ -85,8 +89,16 @@ def test_a_chat_about_a_written_example_picture_is_answered_right(demo: Path) ->
     pictures = [open_image(demo / "examples" / q["image"]) for q in questions]
     chat_right = []
     for q, picture in zip(questions, pictures):
-        prompt = engine.chat_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}], [prepare_image(picture)])
-        chat_right.append(engine.generate(prompt, GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=0))).text.strip() == q["answer"])
+        prompt = engine.chat_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}],
+            [prepare_image(picture)],
+        )
+        chat_right.append(
+            engine.generate(
+                prompt, GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=0))
+            ).text.strip()
+            == q["answer"]
+        )
     assert sum(chat_right) / len(questions) >= MIN_EXAMPLE_ACCURACY
     # greedy chat is right exactly where the teacher-forced answer is the argmax at every position
     items = image_items(engine.tokenizer, [(p, q["question"], q["answer"]) for p, q in zip(pictures, questions)])
@@ -114,14 +126,19 @@ def test_the_shipped_weights_answer_every_turn_of_a_conversation(demo: Path) -> 
         for chat in conversations(CHAT_EVAL_SEED, 128):
             ids, pictures, spans = conversation_ids(tokenizer, chat)
             where = torch.tensor([(0, p - 1) for start, end in spans for p in range(start, end)])
-            predicted = answer_logits(backend.model, torch.tensor([ids]), [torch.from_numpy(p.pixels) for p in pictures], where).argmax(-1)
+            predicted = answer_logits(
+                backend.model, torch.tensor([ids]), [torch.from_numpy(p.pixels) for p in pictures], where
+            ).argmax(-1)
             offset = 0
             for index, (start, end) in enumerate(spans):
                 ok = predicted[offset : offset + end - start].tolist() == ids[start:end]
                 offset += end - start
                 right, turns = right + ok, turns + 1
                 later, later_right = later + (index > 0), later_right + (ok and index > 0)
-    assert right / turns >= MIN_CHAT_TURN_ACCURACY and later_right / later >= MIN_CHAT_TURN_ACCURACY, (right / turns, later_right / later)
+    assert right / turns >= MIN_CHAT_TURN_ACCURACY and later_right / later >= MIN_CHAT_TURN_ACCURACY, (
+        right / turns,
+        later_right / later,
+    )
 
 
 def test_a_scripted_chat_with_a_follow_up_and_a_new_picture_is_answered_right(demo: Path) -> None:
@@ -135,18 +152,38 @@ def test_a_scripted_chat_with_a_follow_up_and_a_new_picture_is_answered_right(de
     from cli import app
 
     def chat(script: list[str]) -> list[str]:
-        result = CliRunner().invoke(app, ["chat", str(demo), "--backend", "reference", "--temperature", "0", "--max-tokens", "16"],
-                                    input="\n".join(script) + "\n")  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            ["chat", str(demo), "--backend", "reference", "--temperature", "0", "--max-tokens", "16"],
+            input="\n".join(script) + "\n",
+        )
         assert result.exit_code == 0, result.output
         return [line.removeprefix("model>").strip() for line in result.output.splitlines() if line.startswith("model>")]
 
     questions = [json.loads(line) for line in (demo / "examples" / "questions.jsonl").read_text().splitlines()]
     asked = [q for q in questions if q["image"] in ("scene-1.png", "scene-2.png")]
-    alone = chat([line for q in asked for line in ("/reset", f"/image {demo / 'examples' / q['image']}", q["question"])])
+    alone = chat(
+        [line for q in asked for line in ("/reset", f"/image {demo / 'examples' / q['image']}", q["question"])]
+    )
     known = [q for q, reply in zip(asked, alone) if reply == q["answer"]]
     first, second = [q for q in known if q["image"] == "scene-1.png"], [q for q in known if q["image"] == "scene-2.png"]
     assert len(first) >= 2 and len(second) >= 2, alone  # the fp16 model knows most of its example pictures
     image = lambda q: f"/image {demo / 'examples' / q['image']}"  # noqa: E731
-    script = [image(first[0]), first[0]["question"], first[1]["question"], "What is 3 plus 4?", image(second[0]), second[0]["question"],
-              "/reset", image(second[1]), second[1]["question"]]  # fmt: skip
-    assert chat(script) == [first[0]["answer"], first[1]["answer"], "3 plus 4 is 7.", second[0]["answer"], second[1]["answer"]]
+    script = [
+        image(first[0]),
+        first[0]["question"],
+        first[1]["question"],
+        "What is 3 plus 4?",
+        image(second[0]),
+        second[0]["question"],
+        "/reset",
+        image(second[1]),
+        second[1]["question"],
+    ]
+    assert chat(script) == [
+        first[0]["answer"],
+        first[1]["answer"],
+        "3 plus 4 is 7.",
+        second[0]["answer"],
+        second[1]["answer"],
+    ]

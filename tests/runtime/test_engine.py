@@ -44,7 +44,9 @@ def engine(backend: ReferenceBackend, tiny_model: Path) -> Engine:
 
 def _conversation(engine: Engine, images: int) -> Prompt:
     pictures = [prepare_image(_picture(i, (48 + 16 * i, 40))) for i in range(images)]
-    content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": "Describe what you see in detail, please."}]
+    content = [{"type": "image"} for _ in pictures] + [
+        {"type": "text", "text": "Describe what you see in detail, please."}
+    ]
     return engine.chat_prompt([{"role": "user", "content": content}], pictures)
 
 
@@ -77,7 +79,9 @@ def test_a_follow_up_reuses_the_prefix_and_the_image(engine: Engine, tiny_model:
     assert second.usage.images_encoded == 0  # the picture is not encoded again
     image_span = prompt2.token_ids.index(engine.tokenizer.image_ids.img_end) + 1
     assert second.usage.cached_tokens > image_span  # the image's prefix is not run again
-    fresh = Engine(ReferenceBackend(tiny_model, "cpu"), engine.tokenizer).generate(prompt2, GenerationParams(max_new_tokens=6, sampling=GREEDY))
+    fresh = Engine(ReferenceBackend(tiny_model, "cpu"), engine.tokenizer).generate(
+        prompt2, GenerationParams(max_new_tokens=6, sampling=GREEDY)
+    )
     assert fresh.token_ids == second.token_ids and fresh.usage.cached_tokens == 0
 
 
@@ -92,8 +96,12 @@ def test_streaming_and_non_streaming_give_the_same_text(engine: Engine) -> None:
 
 def test_a_seed_reproduces_a_sampled_reply(engine: Engine) -> None:
     prompt = _conversation(engine, 0)
-    replies = [engine.generate(prompt, GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=1.0, seed=s))).text
-               for s in (5, 5, 6)]  # fmt: skip
+    replies = [
+        engine.generate(
+            prompt, GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=1.0, seed=s))
+        ).text
+        for s in (5, 5, 6)
+    ]
     assert replies[0] == replies[1] != replies[2]
 
 
@@ -107,7 +115,9 @@ def test_a_stop_string_split_across_tokens_is_caught(engine: Engine) -> None:
     stopped = engine.generate(prompt, GenerationParams(max_new_tokens=30, sampling=GREEDY, stop=(stop,)))
     assert stopped.finish_reason == "stop" and stopped.stop_string == stop
     assert stopped.text == text[: text.index(stop)]
-    streamed = "".join(c.text for c in engine.stream(prompt, GenerationParams(max_new_tokens=30, sampling=GREEDY, stop=(stop,))))
+    streamed = "".join(
+        c.text for c in engine.stream(prompt, GenerationParams(max_new_tokens=30, sampling=GREEDY, stop=(stop,)))
+    )
     assert streamed == stopped.text and stop[:2] not in streamed[len(stopped.text) - 1 :]
 
 
@@ -124,7 +134,9 @@ def test_incremental_text_equals_a_whole_decode(model_fixture: str, request: pyt
     tokenizer = PixtralTokenizer(request.getfixturevalue(model_fixture))
     rng = random.Random(0)
     for _ in range(30):
-        ids = tokenizer.encode("".join(rng.choice(["héllo", " wörld", "中文", "😀", " ", "\n", "a", "▁b"]) for _ in range(12)))
+        ids = tokenizer.encode(
+            "".join(rng.choice(["héllo", " wörld", "中文", "😀", " ", "\n", "a", "▁b"]) for _ in range(12))
+        )
         ids += [rng.randrange(100, tokenizer.vocab_size) for _ in range(5)]
         stream = TextStream(tokenizer)
         text = "".join(stream.push(t) for t in ids)
@@ -133,7 +145,9 @@ def test_incremental_text_equals_a_whole_decode(model_fixture: str, request: pyt
 
 
 def test_budget_and_length_finish(engine: Engine) -> None:
-    out = engine.generate(_conversation(engine, 0), GenerationParams(max_new_tokens=3, sampling=GREEDY, ignore_eos=True))
+    out = engine.generate(
+        _conversation(engine, 0), GenerationParams(max_new_tokens=3, sampling=GREEDY, ignore_eos=True)
+    )
     assert out.finish_reason == "length" and out.usage.completion_tokens == 3 and len(out.token_ids) == 3
 
 
@@ -146,7 +160,9 @@ def test_a_prompt_over_the_context_is_refused_before_work(tiny_model: Path) -> N
     assert backend.cache.length == 0  # nothing ran
     short = engine.chat_prompt([{"role": "user", "content": "hi"}])
     out = engine.generate(short, GenerationParams(sampling=GREEDY, ignore_eos=True))
-    assert out.finish_reason == "length" and len(short) + out.usage.completion_tokens == 32  # stops at the context's end
+    assert (
+        out.finish_reason == "length" and len(short) + out.usage.completion_tokens == 32
+    )  # stops at the context's end
 
 
 def test_logprobs_are_the_models(engine: Engine, backend: ReferenceBackend) -> None:
@@ -173,12 +189,23 @@ def test_an_image_for_a_model_without_a_vision_tower(tiny_model: Path, tmp_path:
     text_only = Path(shutil.copytree(tiny_model, tmp_path / "text-only"))
     for shard in text_only.glob("*.safetensors"):
         tensors = load_file(shard)
-        save_file({k: v for k, v in tensors.items() if not k.startswith(("vision_tower.", "multi_modal_projector."))}, str(shard))
+        save_file(
+            {k: v for k, v in tensors.items() if not k.startswith(("vision_tower.", "multi_modal_projector."))},
+            str(shard),
+        )
     engine = Engine(ReferenceBackend(text_only, "cpu"), PixtralTokenizer(text_only))
     assert not engine.backend.has_vision
     with pytest.raises(ImageError, match="no vision tower"):
-        engine.chat_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}], [prepare_image(_picture(0, (32, 32)))])
-    assert engine.generate(engine.chat_prompt([{"role": "user", "content": "hi"}]), GenerationParams(max_new_tokens=2)).usage.completion_tokens >= 1
+        engine.chat_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+            [prepare_image(_picture(0, (32, 32)))],
+        )
+    assert (
+        engine.generate(
+            engine.chat_prompt([{"role": "user", "content": "hi"}]), GenerationParams(max_new_tokens=2)
+        ).usage.completion_tokens
+        >= 1
+    )
 
 
 def test_a_directory_that_is_not_a_model(tmp_path: Path) -> None:

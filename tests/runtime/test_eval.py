@@ -44,7 +44,9 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     root = tmp_path_factory.mktemp("eval")
     demo = write_demo_model(root / "demo")
     before = torch.get_num_threads()
-    result = runner.invoke(app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--threads", str(README_THREADS)])
+    result = runner.invoke(
+        app, ["quantize", str(demo), str(root / "exl2"), "--recipe", "demo", "--threads", str(README_THREADS)]
+    )
     torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
     yield demo, root / "exl2"
@@ -84,8 +86,20 @@ def test_quantize_writes_a_card_per_tier(quantized: tuple[Path, Path]) -> None:
 def test_eval_measures_every_tier_and_refreshes_the_cards(quantized: tuple[Path, Path], tmp_path: Path) -> None:
     demo, out = quantized
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["eval", str(demo), *(str(out / t) for t in TIERS), "--json", str(report), "--samples", "128",
-                                 "--choices", str(demo / "examples" / "choices.jsonl")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(demo),
+            *(str(out / t) for t in TIERS),
+            "--json",
+            str(report),
+            "--samples",
+            "128",
+            "--choices",
+            str(demo / "examples" / "choices.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     models, n_task = data["models"], data["sets"]["task questions"]
@@ -99,7 +113,11 @@ def test_eval_measures_every_tier_and_refreshes_the_cards(quantized: tuple[Path,
     assert all(m["choice_accuracy"] is not None for m in models)
     assert (out / "quality.png").stat().st_size > 10_000
     card = (out / "4.0bpw" / "README.md").read_text()
-    assert "| **4.0bpw** |" in card and "![quality against bpw](quality.png)" in card and (out / "4.0bpw" / "quality.png").is_file()
+    assert (
+        "| **4.0bpw** |" in card
+        and "![quality against bpw](quality.png)" in card
+        and (out / "4.0bpw" / "quality.png").is_file()
+    )
     assert "quality.png" in json.loads((out / "4.0bpw" / MARKER).read_text())["files"]
 
 
@@ -129,8 +147,11 @@ def test_a_chat_on_a_tier_answers_about_a_drawn_picture(quantized: tuple[Path, P
     demo, out = quantized
     questions = [json.loads(line) for line in (demo / "examples" / "questions.jsonl").read_text().splitlines()]
     script = [line for q in questions for line in ("/reset", f"/image {demo / 'examples' / q['image']}", q["question"])]
-    result = runner.invoke(app, ["chat", str(out / "4.0bpw"), "--backend", "reference", "--temperature", "0", "--max-tokens", "16"],
-                           input="\n".join(script) + "\n")  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["chat", str(out / "4.0bpw"), "--backend", "reference", "--temperature", "0", "--max-tokens", "16"],
+        input="\n".join(script) + "\n",
+    )
     assert result.exit_code == 0, result.output
     replies = [line.removeprefix("model>").strip() for line in result.output.splitlines() if line.startswith("model>")]
     assert len(replies) == len(questions)
@@ -151,10 +172,17 @@ def test_eval_measures_bpw_from_the_tensors_not_the_config(quantized: tuple[Path
     config["quantization_config"].update(bits=5.0, decoder_bpw=5.0, head_bits=8, head_bpw=8.0)
     (tier / "config.json").write_text(json.dumps(config))
     report = tmp_path / "report.json"
-    assert runner.invoke(app, ["eval", str(demo), str(tier), "--samples", "16", "--json", str(report), "--no-card"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["eval", str(demo), str(tier), "--samples", "16", "--json", str(report), "--no-card"]
+        ).exit_code
+        == 0
+    )
     scored = json.loads(report.read_text())["models"][1]
     with EXL2Checkpoint(tier) as ckpt:
-        assert scored["bpw"] == pytest.approx(ckpt.decoder_bpw()) and scored["head_bpw"] == pytest.approx(ckpt.head_bpw())
+        assert scored["bpw"] == pytest.approx(ckpt.decoder_bpw()) and scored["head_bpw"] == pytest.approx(
+            ckpt.head_bpw()
+        )
     assert scored["bpw"] == pytest.approx(4.0, abs=0.01) and scored["head_bpw"] < 7
 
 
@@ -163,10 +191,22 @@ def test_the_plot_gives_each_quantity_its_own_axis() -> None:
     from runtime.eval.run import ModelScore
 
     fp16 = ModelScore("fp16", "demo", None, None, 100, 140.0, 0.0, 0.0, 1.0, 0.96)
-    tiers = [ModelScore(f"{b}bpw", "t", b, 6.5, 50, 150.0, kl, kl, 1 - kl, 0.95) for b, kl in ((2.5, 0.2), (4.0, 0.03), (8.0, 0.001))]
+    tiers = [
+        ModelScore(f"{b}bpw", "t", b, 6.5, 50, 150.0, kl, kl, 1 - kl, 0.95)
+        for b, kl in ((2.5, 0.2), (4.0, 0.03), (8.0, 0.001))
+    ]
     axes = quality_figure([fp16, *tiers], "demo").axes
-    assert [a.get_title() for a in axes] == ["task accuracy", "top-1 agreement with fp16", "divergence from fp16 (0 = fp16)"]
+    assert [a.get_title() for a in axes] == [
+        "task accuracy",
+        "top-1 agreement with fp16",
+        "divergence from fp16 (0 = fp16)",
+    ]
     assert len({a.get_ylabel() for a in axes}) == 3  # accuracy and agreement are not one scale
     assert [len(a.get_lines()) for a in axes] == [2, 1, 2]  # tier + fp16 line; agreement; text and image KL
-    general = [ModelScore(s.name, s.path, s.bpw, s.head_bpw, s.size_bytes, s.text_ppl, s.text_kl, s.image_kl, s.image_top1) for s in [fp16, *tiers]]
-    assert [a.get_title() for a in quality_figure(general, "12B").axes][0] == "top-1 agreement with fp16"  # no task: no accuracy panel
+    general = [
+        ModelScore(s.name, s.path, s.bpw, s.head_bpw, s.size_bytes, s.text_ppl, s.text_kl, s.image_kl, s.image_top1)
+        for s in [fp16, *tiers]
+    ]
+    assert [a.get_title() for a in quality_figure(general, "12B").axes][
+        0
+    ] == "top-1 agreement with fp16"  # no task: no accuracy panel

@@ -26,8 +26,19 @@ from tests.support.uniform import write_uniform_tier
 
 pytestmark = pytest.mark.gpu
 
-SPEC = SyntheticSpec(hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64,
-                     vision_hidden_size=128, vision_intermediate_size=256, vision_heads=2, tokenizer="spm", seed=21)  # fmt: skip
+SPEC = SyntheticSpec(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    vision_hidden_size=128,
+    vision_intermediate_size=256,
+    vision_heads=2,
+    tokenizer="spm",
+    seed=21,
+)
 GREEDY = GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=0.0), ignore_eos=True)
 
 
@@ -51,14 +62,25 @@ def engines(tier: Path):
 
 def _pictures() -> list:
     rng = np.random.default_rng(0)
-    return [prepare_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for h, w in ((64, 96), (80, 48))]
+    return [
+        prepare_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for h, w in ((64, 96), (80, 48))
+    ]
 
 
 def _prompts(engine: Engine) -> dict:
     text = [{"role": "user", "content": "Tell me about the history of lighthouses in a few sentences."}]
     pictures = _pictures()
-    images = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"},
-                                           {"type": "text", "text": "these two pictures."}]}]  # fmt: skip
+    images = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "Compare"},
+                {"type": "image"},
+                {"type": "text", "text": "these two pictures."},
+            ],
+        }
+    ]
     return {"text": engine.chat_prompt(text), "two_images": engine.chat_prompt(images, pictures)}
 
 
@@ -67,9 +89,13 @@ def test_logits_agree_with_the_reference_backend(engines) -> None:
     report = {}
     for name, prompt in _prompts(ref).items():
         theirs, ours = ex.backend.logits(prompt), ref.backend.logits(prompt)
-        report[name] = {"positions": len(prompt), "top1_agreement": float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()),
-                        "max_abs_diff": float((theirs - ours).abs().max()), "logit_std": float(ours.std()),
-                        "cosine": float(torch.nn.functional.cosine_similarity(theirs.flatten(), ours.flatten(), dim=0))}  # fmt: skip
+        report[name] = {
+            "positions": len(prompt),
+            "top1_agreement": float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()),
+            "max_abs_diff": float((theirs - ours).abs().max()),
+            "logit_std": float(ours.std()),
+            "cosine": float(torch.nn.functional.cosine_similarity(theirs.flatten(), ours.flatten(), dim=0)),
+        }
     out = os.environ.get("PIXTRAL_GPU_OUT")
     if out:
         Path(out, "backend_agreement.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -83,7 +109,10 @@ def test_greedy_generation_agrees(engines) -> None:
     for prompt in _prompts(ref).values():
         a, b = ex.generate(prompt, to_the_end), ref.generate(prompt, to_the_end)
         agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
-        assert agree >= min(4, len(b.token_ids)), (a.token_ids, b.token_ids)  # paths may part after a near-tie, not at once
+        assert agree >= min(4, len(b.token_ids)), (
+            a.token_ids,
+            b.token_ids,
+        )  # paths may part after a near-tie, not at once
         if a.token_ids == b.token_ids:
             assert (a.finish_reason, a.usage.completion_tokens) == (b.finish_reason, b.usage.completion_tokens)
 

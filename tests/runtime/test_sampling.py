@@ -92,7 +92,10 @@ def test_the_pipeline_order_penalties_temperature_truncation() -> None:
 
 def test_a_seed_reproduces_the_draws() -> None:
     probs = torch.full((1000,), 1e-3)
-    draws = [[sample(probs, gen) for _ in range(20)] for gen in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
+    draws = [
+        [sample(probs, gen) for _ in range(20)]
+        for gen in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
+    ]
     assert draws[0] == draws[1]
     other = [sample(probs, torch.Generator().manual_seed(8)) for _ in range(20)]
     assert other != draws[0]
@@ -104,7 +107,9 @@ def test_sampling_follows_the_distribution() -> None:
     torch.testing.assert_close(counts, P, atol=0.03, rtol=0)
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 1.5), ("min_p", -0.1), ("top_k", -3), ("seed", -1)])
+@pytest.mark.parametrize(
+    "field,value", [("temperature", -1.0), ("top_p", 1.5), ("min_p", -0.1), ("top_k", -3), ("seed", -1)]
+)
 def test_out_of_range_settings_are_refused(field: str, value: float) -> None:
     with pytest.raises(OptionError, match=field):
         SamplingParams(**{field: value})

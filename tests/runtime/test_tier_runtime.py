@@ -36,14 +36,20 @@ def tiers(tiny_spm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def _prompt(engine: Engine):
     picture = prepare_image(Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)))
     text = "The quick brown fox jumps over the lazy dog and then writes a long story about it."
-    return engine.chat_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [picture])
+    return engine.chat_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [picture]
+    )
 
 
 def _compare(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     log_p, log_q = torch.log_softmax(reference, -1), torch.log_softmax(logits, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "top1": float((reference.argmax(-1) == logits.argmax(-1)).float().mean()),
-            "diff_of_std": float((reference - logits).abs().max() / reference.std())}  # fmt: skip
+    return {
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1": float((reference.argmax(-1) == logits.argmax(-1)).float().mean()),
+        "diff_of_std": float((reference - logits).abs().max() / reference.std()),
+    }
 
 
 def test_the_8bpw_tier_gives_the_fp16_models_logits(tiny_spm_model: Path, tiers: Path) -> None:

@@ -50,11 +50,15 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_server(config: ServerConfig, startup_model: str | None, keys: Keys | None = KEYS, prepare=None) -> Iterator[Running]:
+def running_server(
+    config: ServerConfig, startup_model: str | None, keys: Keys | None = KEYS, prepare=None
+) -> Iterator[Running]:
     """Start uvicorn on a free port; `prepare(app)` may swap in a backend before requests arrive."""
     port = free_port()
     app = server_app(config, keys, startup_model=startup_model)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

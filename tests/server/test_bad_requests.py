@@ -37,7 +37,9 @@ def _header_only_png(width: int, height: int) -> bytes:
 
 
 def _image_message(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     (root / "models").mkdir()
     (root / "models" / "tiny").symlink_to(tiny_model, target_is_directory=True)
     (root / "allowed").mkdir()
-    config = ServerConfig(model=ModelConfig(model_dir=str(root / "models"), backend="reference", device="cpu", max_seq_len=256),
-                          limits=LimitsConfig(max_request_bytes=2 * 2**20, max_n=4),
-                          images=ImagesConfig(local_folder=str(root / "allowed"), max_image_bytes=2**20))  # fmt: skip
+    config = ServerConfig(
+        model=ModelConfig(model_dir=str(root / "models"), backend="reference", device="cpu", max_seq_len=256),
+        limits=LimitsConfig(max_request_bytes=2 * 2**20, max_n=4),
+        images=ImagesConfig(local_folder=str(root / "allowed"), max_image_bytes=2**20),
+    )
     with running_server(config, "tiny") as running:
         yield running
 
@@ -89,12 +93,15 @@ CASES = [
     ("a decompression-bomb PNG", CHAT, {"messages": _image_message(_data(_bomb()))}, None),
     ("a 20k x 20k image", CHAT, {"messages": _image_message(_data(_header_only_png(20000, 20000)))}, None),
     ("an image over the byte limit", CHAT, {"messages": _image_message(_data(b"\0" * (2**20 + 10)))}, None),
-    ("a remote URL while disabled", CHAT, {"messages": _image_message("http://169.254.169.254/latest/meta-data")}, None),
+    ("a remote URL while disabled", CHAT,
+     {"messages": _image_message("http://169.254.169.254/latest/meta-data")}, None),
     ("a local path outside the allowed folder", CHAT, {"messages": _image_message("file:///etc/passwd")}, None),
     ("a local path escaping with ..", CHAT, {"messages": _image_message("file:///ALLOWED/../../etc/hostname")}, None),
     ("too many images", CHAT, {"messages": _image_message(_data(_png(Image.new("RGB", (16, 16))))) * 20}, None),
-    ("a prompt over the context", CHAT, {"messages": [{"role": "user", "content": "word " * 400}]}, "context_length_exceeded"),
-    ("a body over the size limit", CHAT, {"messages": [{"role": "user", "content": "x" * (3 * 2**20)}]}, "request_too_large"),
+    ("a prompt over the context", CHAT,
+     {"messages": [{"role": "user", "content": "word " * 400}]}, "context_length_exceeded"),
+    ("a body over the size limit", CHAT,
+     {"messages": [{"role": "user", "content": "x" * (3 * 2**20)}]}, "request_too_large"),
     ("completions: empty prompt", "/v1/completions", {"prompt": ""}, None),
     ("completions: token ids out of range", "/v1/completions", {"prompt": [1, 10**9]}, None),
     ("completions: prompt over the context", "/v1/completions", {"prompt": "word " * 400}, "context_length_exceeded"),
@@ -121,7 +128,12 @@ def test_every_bad_request_gets_a_4xx_and_the_server_keeps_answering(server, tmp
                 response = http.post(route, json=payload, headers=headers)
             try:
                 error = response.json()["error"]
-                ok = 400 <= response.status_code < 500 and error["message"] and error["type"] and (code is None or error["code"] == code)
+                ok = (
+                    400 <= response.status_code < 500
+                    and error["message"]
+                    and error["type"]
+                    and (code is None or error["code"] == code)
+                )
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
@@ -139,13 +151,21 @@ def test_images_are_refused_where_vision_is_off(tmp_path_factory: pytest.TempPat
     (root / "tiny").symlink_to(tiny_model, target_is_directory=True)
     config = ServerConfig(model=ModelConfig(model_dir=str(root), backend="reference", device="cpu", vision=False))
     with running_server(config, "tiny") as running:
-        response = httpx.post(f"{running.url}{CHAT}", json={"messages": _image_message(_data(_png(Image.new("RGB", (16, 16)))))}, headers=API)
+        response = httpx.post(
+            f"{running.url}{CHAT}",
+            json={"messages": _image_message(_data(_png(Image.new("RGB", (16, 16)))))},
+            headers=API,
+        )
         assert response.status_code == 400 and "vision is disabled" in response.json()["error"]["message"]
 
 
 def test_a_local_image_inside_the_allowed_folder_is_served(server) -> None:
     allowed = Path(server.app.state.config.images.local_folder)
     Image.new("RGB", (32, 16), "blue").save(allowed / "blue.png")
-    response = httpx.post(f"{server.url}{CHAT}", json={"messages": _image_message((allowed / "blue.png").as_uri()), "max_tokens": 2},
-                          headers=API, timeout=60)  # fmt: skip
+    response = httpx.post(
+        f"{server.url}{CHAT}",
+        json={"messages": _image_message((allowed / "blue.png").as_uri()), "max_tokens": 2},
+        headers=API,
+        timeout=60,
+    )
     assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] > 3

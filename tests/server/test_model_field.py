@@ -39,7 +39,9 @@ def test_by_default_the_loaded_model_serves_any_name(models: Path) -> None:
                 assert reply.status_code == 200 and reply.json()["model"] == "tiny", (name, reply.text)
         listed = httpx.get(f"{server.url}/v1/models", headers=ADMIN).json()["data"]
         assert [m["id"] for m in listed] == ["tiny", "demo"]  # the loaded model first, though not first by name
-        first = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS.admin_key, max_retries=0).models.list().data[0].id
+        first = (
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS.admin_key, max_retries=0).models.list().data[0].id
+        )
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS.api_key, max_retries=0, timeout=120)
         assert client.chat.completions.create(model=first, **HI).choices[0].finish_reason in ("stop", "length")
 
@@ -51,7 +53,10 @@ def test_inline_loading_takes_an_admin_key_and_spares_dummy_models(models: Path)
         assert "admin key" in refused.json()["error"]["message"]
         dummy = _chat(server.url, API, "gpt-3.5-turbo")
         assert dummy.status_code == 200 and dummy.json()["model"] == "tiny"
-        assert [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=API).json()["data"]] == ["gpt-3.5-turbo", "tiny"]
+        assert [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=API).json()["data"]] == [
+            "gpt-3.5-turbo",
+            "tiny",
+        ]
         switched = _chat(server.url, ADMIN, "demo")
         assert switched.status_code == 200 and switched.json()["model"] == "demo"
         assert httpx.get(f"{server.url}/v1/model", headers=API).json()["id"] == "demo"

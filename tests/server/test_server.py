@@ -24,8 +24,11 @@ CHAT = {"max_tokens": 8, "temperature": 0.0}
 
 
 def data_url(color: str = "red", size: tuple[int, int] = (48, 32)) -> str:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) if color == "noise" \
-        else Image.new("RGB", size, color)  # fmt: skip
+    image = (
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        if color == "noise"
+        else Image.new("RGB", size, color)
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -45,8 +48,11 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models: Path):
-    config = ServerConfig(network=NetworkConfig(keepalive_seconds=0.3), model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"),
-                          limits=LimitsConfig(max_queue=4, shutdown_grace_seconds=2))  # fmt: skip
+    config = ServerConfig(
+        network=NetworkConfig(keepalive_seconds=0.3),
+        model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"),
+        limits=LimitsConfig(max_queue=4, shutdown_grace_seconds=2),
+    )
     with running_server(config, "demo") as running:
         yield running
 
@@ -64,10 +70,24 @@ def test_chat_with_an_image_streamed_and_not(client: openai.OpenAI, models: Path
     url = "data:image/png;base64," + base64.b64encode((examples / question["image"]).read_bytes()).decode()
     messages = [{"role": "user", "content": [image_part(url), {"type": "text", "text": question["question"]}]}]
     reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=32, temperature=0.0)
-    assert reply.object == "chat.completion" and reply.model == "demo" and reply.choices[0].message.content == question["answer"]
-    assert reply.usage.prompt_tokens > 12 and 3 <= reply.usage.completion_tokens < 32 and reply.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="demo", messages=messages, stream=True, stream_options={"include_usage": True}, **CHAT))
-    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" and c.created and c.model == "demo" for c in chunks)
+    assert (
+        reply.object == "chat.completion"
+        and reply.model == "demo"
+        and reply.choices[0].message.content == question["answer"]
+    )
+    assert (
+        reply.usage.prompt_tokens > 12
+        and 3 <= reply.usage.completion_tokens < 32
+        and reply.choices[0].finish_reason == "stop"
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=messages, stream=True, stream_options={"include_usage": True}, **CHAT
+        )
+    )
+    assert all(
+        c.id == chunks[0].id and c.object == "chat.completion.chunk" and c.created and c.model == "demo" for c in chunks
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == question["answer"]  # greedy: the same reply either way
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
@@ -78,28 +98,57 @@ def test_chat_with_an_image_streamed_and_not(client: openai.OpenAI, models: Path
 
 
 def test_an_image_in_an_earlier_assistant_turn(client: openai.OpenAI, server) -> None:
-    messages = [{"role": "user", "content": "Draw me a red square."},
-                {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, image_part(data_url("red"))]},
-                {"role": "user", "content": "What colour did you draw?"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Draw me a red square."},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, image_part(data_url("red"))]},
+        {"role": "user", "content": "What colour did you draw?"},
+    ]
     reply = client.chat.completions.create(model="demo", messages=messages, **CHAT)
     encoded = httpx.post(f"{server.url}/v1/token/encode", json={"text": messages}, headers=API).json()
     assert reply.usage.prompt_tokens == encoded["length"]
     tokenizer = server.host.loaded.engine.tokenizer
-    assert encoded["tokens"].count(tokenizer.image_ids.img_end) == 1 and encoded["tokens"].count(tokenizer.image_ids.img) == 3 * 2
+    assert (
+        encoded["tokens"].count(tokenizer.image_ids.img_end) == 1
+        and encoded["tokens"].count(tokenizer.image_ids.img) == 3 * 2
+    )
 
 
 def test_text_completions_streamed_and_not(client: openai.OpenAI) -> None:
     # the demo model may end a story at once: ignore_eos (a TabbyAPI field) makes the length certain
-    whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
-    assert whole.object == "text_completion" and whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=0,
-                                                                             stream=True, extra_body={"ignore_eos": True}) if c.choices)  # fmt: skip
+    whole = client.completions.create(
+        model="demo", prompt="Once upon a time", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert (
+        whole.object == "text_completion"
+        and whole.usage.completion_tokens == 6
+        and whole.choices[0].finish_reason == "length"
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="demo",
+            prompt="Once upon a time",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
     assert streamed == whole.choices[0].text
 
 
 def test_n_choices_and_logprobs(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=4,
-                                           temperature=1.0, seed=3, logprobs=True, top_logprobs=2)  # fmt: skip
+    reply = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Hi"}],
+        n=2,
+        max_tokens=4,
+        temperature=1.0,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 8
     tokens = reply.choices[0].logprobs.content
     assert len(tokens) == 4 and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
@@ -123,7 +172,9 @@ def test_token_routes_equal_mistral_common(server) -> None:
     oracle = MistralTokenizer.from_file(str(bundled_tokenizer_path(DEMO_SPEC.tokenizer))).instruct_tokenizer.tokenizer
     for text in ["Hello, world!", " leading space", "naïve café 中文 😀\nline"]:
         encoded = httpx.post(f"{server.url}/v1/token/encode", json={"text": text}, headers=API).json()
-        assert encoded["tokens"] == oracle.encode(text, bos=True, eos=False) and encoded["length"] == len(encoded["tokens"])
+        assert encoded["tokens"] == oracle.encode(text, bos=True, eos=False) and encoded["length"] == len(
+            encoded["tokens"]
+        )
         decoded = httpx.post(f"{server.url}/v1/token/decode", json={"tokens": encoded["tokens"]}, headers=API).json()
         assert decoded["text"] == text
 
@@ -144,7 +195,9 @@ def test_text_that_spells_control_tokens_is_text(client: openai.OpenAI, server) 
         assert encoded["tokens"] == expected, text
         reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=2, temperature=0.0)
         assert reply.usage.prompt_tokens == len(expected)  # "[IMG]" in text is no image placeholder: no 400
-    plain = httpx.post(f"{server.url}/v1/token/encode", json={"text": "a [IMG]", "encode_special_tokens": False}, headers=API).json()
+    plain = httpx.post(
+        f"{server.url}/v1/token/encode", json={"text": "a [IMG]", "encode_special_tokens": False}, headers=API
+    ).json()
     special = httpx.post(f"{server.url}/v1/token/encode", json={"text": "a [IMG]"}, headers=API).json()
     img = server.host.loaded.engine.tokenizer.image_ids.img
     assert img in special["tokens"] and img not in plain["tokens"]
@@ -186,8 +239,12 @@ def test_a_huge_prompt_is_refused_at_once_and_stalls_nobody(server) -> None:
         started = time.monotonic()
         response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=120)
         refused_in = time.monotonic() - started
-        small = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "Hi"}], **CHAT},
-                           headers=API, timeout=120)  # fmt: skip
+        small = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "demo", "messages": [{"role": "user", "content": "Hi"}], **CHAT},
+            headers=API,
+            timeout=120,
+        )
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     assert "at least" in response.json()["error"]["message"] and small.status_code == 200
     assert refused_in < 10, refused_in  # tokenizing it would take tens of seconds
@@ -195,15 +252,23 @@ def test_a_huge_prompt_is_refused_at_once_and_stalls_nobody(server) -> None:
 
 
 def test_health_answers_while_eight_streams_run(models: Path) -> None:
-    config = ServerConfig(model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"))  # default limits: 8 at once
+    config = ServerConfig(
+        model=ModelConfig(model_dir=str(models), backend="reference", device="cpu")
+    )  # default limits: 8 at once
     done: list[int] = []
 
     with running_server(config, "demo") as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEYS.api_key, max_retries=0, timeout=120)
 
         def stream() -> None:
-            chunks = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Tell me a story."}], stream=True,
-                                                    max_tokens=24, temperature=0.0, extra_body={"ignore_eos": True})  # fmt: skip
+            chunks = client.chat.completions.create(
+                model="demo",
+                messages=[{"role": "user", "content": "Tell me a story."}],
+                stream=True,
+                max_tokens=24,
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
             done.append(sum(1 for _ in chunks))
 
         with HealthProbe(running.url) as probe:
@@ -227,8 +292,13 @@ def test_keys(server) -> None:
 def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None:
     """The reference backend runs one generation; a second stream waits with keep-alive comments.
     The first client then disconnects mid-stream and the second proceeds at once."""
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 100000,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 100000,
+        "stream": True,
+        "ignore_eos": True,
+    }
     disconnects = server.metrics.disconnects._value.get()
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=60) as first:
         lines = first.iter_lines()
@@ -237,7 +307,9 @@ def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None
 
         def second() -> None:
             small = body | {"max_tokens": 3}
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=small, headers=API, timeout=60) as response:
+            with httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=small, headers=API, timeout=60
+            ) as response:
                 second_lines.extend(response.iter_lines())
 
         thread = threading.Thread(target=second)
@@ -246,7 +318,11 @@ def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None
     started = time.monotonic()  # leaving the block closed the first connection mid-stream
     thread.join(timeout=30)
     assert time.monotonic() - started < 15
-    assert ": keep-alive" in second_lines and second_lines[-2:] == ["data: [DONE]", ""] or second_lines[-1] == "data: [DONE]"
+    assert (
+        ": keep-alive" in second_lines
+        and second_lines[-2:] == ["data: [DONE]", ""]
+        or second_lines[-1] == "data: [DONE]"
+    )
     assert sum(1 for line in second_lines if line.startswith("data: {")) >= 4
     deadline = time.monotonic() + 5
     while server.metrics.disconnects._value.get() == disconnects and time.monotonic() < deadline:
@@ -258,9 +334,20 @@ def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None
 def test_a_client_that_leaves_the_queue_takes_no_slot_with_it(server, route: str) -> None:
     """A queued stream (chat or text) gets keep-alives; one that disconnects while still queued must
     not acquire the slot later and keep it."""
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 100000,
-            "stream": True, "ignore_eos": True}  # fmt: skip
-    text_body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 100000, "stream": True, "ignore_eos": True}
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 100000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    text_body = {
+        "model": "demo",
+        "prompt": "Once upon a time",
+        "max_tokens": 100000,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=60) as first:
         first_lines = first.iter_lines()  # held: a dropped line iterator would close the connection
         assert next(line for line in first_lines if line.startswith("data:"))
@@ -269,21 +356,31 @@ def test_a_client_that_leaves_the_queue_takes_no_slot_with_it(server, route: str
             queued_lines = queued.iter_lines()
             assert next(line for line in queued_lines if line.startswith(": keep-alive"))
         time.sleep(3 * 0.3)  # a few keep-alive intervals: the server notices the queued client left
-    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body | {"stream": False, "max_tokens": 3}, headers=API, timeout=20)
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions", json=body | {"stream": False, "max_tokens": 3}, headers=API, timeout=20
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
 
 
 def test_metrics_and_health(server, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], **CHAT)
     text = httpx.get(f"{server.url}/metrics", headers=API).text
-    for name in ("pixtral_requests_total", "pixtral_completion_tokens_total", "pixtral_prefix_cache_hit_tokens_total",
-                 "pixtral_queue_depth", "pixtral_time_to_first_token_seconds_bucket", "pixtral_request_seconds_bucket"):  # fmt: skip
+    for name in (
+        "pixtral_requests_total",
+        "pixtral_completion_tokens_total",
+        "pixtral_prefix_cache_hit_tokens_total",
+        "pixtral_queue_depth",
+        "pixtral_time_to_first_token_seconds_bucket",
+        "pixtral_request_seconds_bucket",
+    ):
         assert name in text, name
     assert httpx.get(f"{server.url}/health").json() == {"status": "healthy", "issues": [], "model_loaded": True}
 
 
 def test_load_and_unload(server) -> None:
-    with httpx.stream("POST", f"{server.url}/v1/model/load", json={"model_name": "tiny"}, headers=ADMIN, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/model/load", json={"model_name": "tiny"}, headers=ADMIN, timeout=120
+    ) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert events[-1]["status"] == "finished" and any(e["status"] == "processing" for e in events)
     assert httpx.get(f"{server.url}/v1/model", headers=API).json()["id"] == "tiny"
@@ -294,22 +391,34 @@ def test_load_and_unload(server) -> None:
     for bad in ("../demo", "demo/..", "/etc", ".hidden", "nope"):
         response = httpx.post(f"{server.url}/v1/model/load", json={"model_name": bad}, headers=ADMIN)
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", bad
-    with httpx.stream("POST", f"{server.url}/v1/model/load", json={"model_name": "demo"}, headers=ADMIN, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/model/load", json={"model_name": "demo"}, headers=ADMIN, timeout=120
+    ) as response:
         assert [line for line in response.iter_lines() if line.startswith("data:")][-1] == "data: [DONE]"
     assert httpx.get(f"{server.url}/v1/model", headers=API).json()["id"] == "demo"
 
 
 def test_an_unload_during_a_stream_ends_it_with_an_error_event(server) -> None:
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 100000, "stream": True, "ignore_eos": True}
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Go on."}],
+        "max_tokens": 100000,
+        "stream": True,
+        "ignore_eos": True,
+    }
     lines = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=60) as response:
         for line in response.iter_lines():
             lines.append(line)
             if len(lines) == 6:
-                threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/model/unload", headers=ADMIN, timeout=60)).start()
+                threading.Thread(
+                    target=lambda: httpx.post(f"{server.url}/v1/model/unload", headers=ADMIN, timeout=60)
+                ).start()
     data = [line for line in lines if line.startswith("data:")]
     assert data[-1] == "data: [DONE]" and "unloaded" in json.loads(data[-2][6:])["error"]["message"]
-    with httpx.stream("POST", f"{server.url}/v1/model/load", json={"model_name": "demo"}, headers=ADMIN, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/model/load", json={"model_name": "demo"}, headers=ADMIN, timeout=120
+    ) as response:
         list(response.iter_lines())
 
 
@@ -318,21 +427,33 @@ def test_an_unload_during_a_stream_ends_it_with_an_error_event(server) -> None:
 
 @pytest.fixture()
 def scripted(models: Path):
-    config = ServerConfig(model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"), images=ImagesConfig())
+    config = ServerConfig(
+        model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"), images=ImagesConfig()
+    )
     with running_server(config, "tiny") as running:
         yield running
 
 
 def _script(running, text_after_tool_calls: str, fail_after: int | None = None) -> ScriptedBackend:
     tokenizer = running.host.loaded.engine.tokenizer
-    ids = [tokenizer.tokenizer.token_to_id("[TOOL_CALLS]")] + tokenizer.encode(text_after_tool_calls) + [tokenizer.eos_id]
+    ids = (
+        [tokenizer.tokenizer.token_to_id("[TOOL_CALLS]")] + tokenizer.encode(text_after_tool_calls) + [tokenizer.eos_id]
+    )
     backend = ScriptedBackend(ids, tokenizer.vocab_size, fail_after=fail_after)
     swap_backend(running, backend)
     return backend
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 def test_tool_calls_are_parsed(scripted) -> None:
@@ -349,17 +470,29 @@ def test_tool_calls_are_parsed(scripted) -> None:
     streamed = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert streamed and streamed[0].choices[0].delta.tool_calls[0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    history = messages + [{"role": "assistant", "tool_calls": [call.model_dump()]}, {"role": "tool", "tool_call_id": call.id, "content": "20C"}]
-    again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)  # the call goes back through the template
-    assert "[TOOL_RESULTS]" in tokenizer.decode(list(backend.prompts[-1].token_ids), skip_special_tokens=False) and again.choices
+    history = messages + [
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "20C"},
+    ]
+    again = client.chat.completions.create(
+        model="tiny", messages=history, tools=TOOLS
+    )  # the call goes back through the template
+    assert (
+        "[TOOL_RESULTS]" in tokenizer.decode(list(backend.prompts[-1].token_ids), skip_special_tokens=False)
+        and again.choices
+    )
 
 
 def test_a_forced_tool_choice_starts_the_answer_with_the_call(scripted) -> None:
     backend = _script(scripted, '{"city": "Oslo"}}]')
     client = openai.OpenAI(base_url=f"{scripted.url}/v1", api_key=KEYS.api_key, max_retries=0)
     backend.script = backend.script[1:]  # the prompt already holds [TOOL_CALLS] and the call's start
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
 
@@ -368,18 +501,33 @@ def test_a_forced_call_the_model_does_not_make_comes_back_whole(scripted) -> Non
     backend = _script(scripted, "circle.")
     backend.script = backend.script[1:]
     client = openai.OpenAI(base_url=f"{scripted.url}/v1", api_key=KEYS.api_key, max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     content = reply.choices[0].message.content
-    assert reply.choices[0].message.tool_calls is None and content.startswith('[{"name": "get_weather", "arguments": ') and content.endswith("circle.")
+    assert (
+        reply.choices[0].message.tool_calls is None
+        and content.startswith('[{"name": "get_weather", "arguments": ')
+        and content.endswith("circle.")
+    )
 
 
 def test_a_generator_failure_shows_in_health_until_a_success(scripted) -> None:
     _script(scripted, "Hello there, friend.", fail_after=2)
-    response = httpx.post(f"{scripted.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=API)
+    response = httpx.post(
+        f"{scripted.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=API
+    )
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
     health = httpx.get(f"{scripted.url}/health")
     assert health.status_code == 503 and "scripted failure" in health.json()["issues"][0]
     _script(scripted, "Hello there, friend.")
-    assert httpx.post(f"{scripted.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=API).status_code == 200
+    assert (
+        httpx.post(
+            f"{scripted.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=API
+        ).status_code
+        == 200
+    )
     assert httpx.get(f"{scripted.url}/health").json()["status"] == "healthy"

@@ -35,7 +35,9 @@ def write_uniform_tier(
     """Quantize every decoder linear to `bits` and the head to `head_bits` in groups of `group_rows`;
     `hessian(prefix, K)` switches from round-to-nearest to GPTQ. Returns each layer's result."""
     cfg = load_config(source)
-    prefixes = [layer_prefix(i) + spec.name for i in range(cfg.text.num_hidden_layers) for spec in DECODER_LINEARS] + [HEAD]
+    prefixes = [layer_prefix(i) + spec.name for i in range(cfg.text.num_hidden_layers) for spec in DECODER_LINEARS] + [
+        HEAD
+    ]
     results: dict[str, GPTQResult] = {}
 
     def load(prefix: str) -> dict[str, Tensor]:
@@ -47,7 +49,11 @@ def write_uniform_tier(
         results[prefix] = result
         return pack_exl2(result, plan)
 
-    metadata = EXL2Metadata(version=EXLLAMAV2_VERSION, bits=float(bits), head_bits=head_bits,
-                            calibration=CalibrationInfo(rows=0, length=0, dataset="(none: uniform widths, no calibration)"))  # fmt: skip
+    metadata = EXL2Metadata(
+        version=EXLLAMAV2_VERSION,
+        bits=float(bits),
+        head_bits=head_bits,
+        calibration=CalibrationInfo(rows=0, length=0, dataset="(none: uniform widths, no calibration)"),
+    )
     write_exl2_checkpoint(out, source, prefixes, load, metadata, shard_mb, force)
     return results

@@ -39,8 +39,12 @@ def test_new_transformers_names_are_read(tiny_model: Path, tmp_path: Path) -> No
     tensors = load_file(shard)
     renamed = {}
     for name, tensor in tensors.items():
-        name = name.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head.")
-        name = name.replace("vision_tower.", "model.vision_tower.").replace("multi_modal_projector.", "model.multi_modal_projector.")
+        name = name.replace("language_model.model.", "model.language_model.").replace(
+            "language_model.lm_head.", "lm_head."
+        )
+        name = name.replace("vision_tower.", "model.vision_tower.").replace(
+            "multi_modal_projector.", "model.multi_modal_projector."
+        )
         renamed[name] = tensor
     shard.unlink()
     (model_dir / "model.safetensors.index.json").unlink()
@@ -63,7 +67,9 @@ def test_wrong_shape_is_named(tiny_model: Path, tmp_path: Path) -> None:
     tensors = load_file(shard)
     tensors["language_model.model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64, dtype=torch.float16)
     save_file(tensors, str(shard))
-    with pytest.raises(WeightsError, match=r"layers\.1\.mlp\.up_proj\.weight' has shape \[100, 64\], expected \[128, 64\]"):
+    with pytest.raises(
+        WeightsError, match=r"layers\.1\.mlp\.up_proj\.weight' has shape \[100, 64\], expected \[128, 64\]"
+    ):
         load_model(model_dir)
 
 

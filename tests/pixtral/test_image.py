@@ -23,7 +23,9 @@ IDS = {"12B": ImageTokenIds(10, 12, 13), "Large": ImageTokenIds(10, 14, 15)}
 
 
 def _mc_encoder(ids: ImageTokenIds):
-    return mc_image.ImageEncoder(mc_image.ImageConfig(16, 1024), mc_image.SpecialImageIDs(ids.img, ids.img_break, ids.img_end))
+    return mc_image.ImageEncoder(
+        mc_image.ImageConfig(16, 1024), mc_image.SpecialImageIDs(ids.img, ids.img_break, ids.img_end)
+    )
 
 
 def _image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -9,12 +9,33 @@ import pytest
 
 from pixtral.exl2.metadata import CalibrationInfo, EXL2Metadata, MetadataError
 
-OURS = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 6, "source_model": "demo",
-        "calibration": {"rows": 24, "length": 256, "dataset": "text=(default); images=(default)", "images": 12, "image_token_weight": 0.1},
-        "quantizer": "pixtral-exl2 0.1.0", "decoder_bpw": 4.0021, "head_bpw": 6.5625, "calibration_kl": 0.031, "measure_rows": 8}  # fmt: skip
+OURS = {
+    "quant_method": "exl2",
+    "version": "0.3.2",
+    "bits": 4.0,
+    "head_bits": 6,
+    "source_model": "demo",
+    "calibration": {
+        "rows": 24,
+        "length": 256,
+        "dataset": "text=(default); images=(default)",
+        "images": 12,
+        "image_token_weight": 0.1,
+    },
+    "quantizer": "pixtral-exl2 0.1.0",
+    "decoder_bpw": 4.0021,
+    "head_bpw": 6.5625,
+    "calibration_kl": 0.031,
+    "measure_rows": 8,
+}
 # what exllamav2 0.3.2's convert writes (conversion/compile.py): no quantizer, no measured numbers
-EXLLAMAV2 = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 6,
-             "calibration": {"rows": 115, "length": 2048, "dataset": "(default)"}}  # fmt: skip
+EXLLAMAV2 = {
+    "quant_method": "exl2",
+    "version": "0.3.2",
+    "bits": 4.0,
+    "head_bits": 6,
+    "calibration": {"rows": 115, "length": 2048, "dataset": "(default)"},
+}
 
 
 @pytest.mark.parametrize("data", [OURS, EXLLAMAV2])
@@ -30,9 +51,15 @@ def test_fields_are_typed() -> None:
     assert EXL2Metadata.from_json(EXLLAMAV2, "x").quantizer is None
 
 
-@pytest.mark.parametrize(("change", "field"), [({"bits": "four"}, "quantization_config.bits"), ({"head_bits": 6.5}, "quantization_config.head_bits"),
-                                               ({"calibration": {"rows": "many"}}, "quantization_config.calibration.rows"),
-                                               ({"quant_method": "gptq"}, "quantization_config.quant_method")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bits": "four"}, "quantization_config.bits"),
+        ({"head_bits": 6.5}, "quantization_config.head_bits"),
+        ({"calibration": {"rows": "many"}}, "quantization_config.calibration.rows"),
+        ({"quant_method": "gptq"}, "quantization_config.quant_method"),
+    ],
+)
 def test_a_wrong_field_is_named_with_its_file(change: dict, field: str) -> None:
     with pytest.raises(MetadataError, match=f"tier/config.json: {field}"):
         EXL2Metadata.from_json({**OURS, **change}, "tier/config.json")

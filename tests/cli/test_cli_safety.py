@@ -24,7 +24,7 @@ from cli import app
 from pixtral.outputs import MARKER
 
 runner = CliRunner()
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 FAST = ["--bpw", "4.0", "--rows", "4", "--measure-rows", "2", "--length", "64", "--text-only", "--skip-weight-check"]
 
 
@@ -162,7 +162,9 @@ def test_kill_during_convert_leaves_a_temporary_the_next_run_removes(native: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "native"]
 
 
-def test_ctrl_c_during_convert_says_so_and_keeps_nothing(native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_during_convert_says_so_and_keeps_nothing(
+    native: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import convert.mistral as convert_module
 
     def interrupted(*args: object, **kwargs: object) -> None:
@@ -182,7 +184,10 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "demo").rglob("*") if p.is_file()}
     folders = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "demo").rglob("*") if p.is_dir()}
-    assert set(files.values()) == {0o640} and "examples" in folders and set(folders.values()) == {0o750}, (files, folders)
+    assert set(files.values()) == {0o640} and "examples" in folders and set(folders.values()) == {0o750}, (
+        files,
+        folders,
+    )
     assert (tmp_path / "demo").stat().st_mode & 0o777 == 0o750
 
 
@@ -191,13 +196,16 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "needle"),
-    [(["--length", "10000000"], "--length"), (["--image-fraction", "1.5"], "--image-fraction"), (["--shard-size", "0"], "--shard-size"),
+    [(["--length", "10000000"], "--length"), (["--image-fraction", "1.5"], "--image-fraction"),
+     (["--shard-size", "0"], "--shard-size"),
      (["--rows", "0"], "--rows"), (["--measure-rows", "9"], "--measure-rows"), (["--seed", "-1"], "--seed"),
      (["--device", "tpu"], "--device"), (["--head-bits", "7"], "--head-bits"), (["--bpw", "9"], "--bpw"),
      (["--bpw", "4,4.0"], "more than once"), (["--recipe", "nope"], "recipe 'nope'"), (["--bpw", ""], "no tier given"),
      (["--bpw", " , "], "no tier given"), (["--resume", "--force"], "contradict")],
 )  # fmt: skip
-def test_quantize_options_are_checked_before_any_work(model: Path, tmp_path: Path, flags: list[str], needle: str) -> None:
+def test_quantize_options_are_checked_before_any_work(
+    model: Path, tmp_path: Path, flags: list[str], needle: str
+) -> None:
     out = tmp_path / "out"
     expect_refusal(invoke("quantize", model, out, *[f for f in FAST if f != "--text-only"], *flags), needle)
     assert not out.exists()
@@ -209,8 +217,14 @@ def test_quantize_on_a_missing_gpu(model: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("table", "needle"), [('[calibration]\nrowz = 5\n', "rowz"), ('[calibration]\nrows = "many"\n', "--rows"),
-                                               ('bpw = "4"\n', "bpw must be a list")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ("[calibration]\nrowz = 5\n", "rowz"),
+        ('[calibration]\nrows = "many"\n', "--rows"),
+        ('bpw = "4"\n', "bpw must be a list"),
+    ],
+)
 def test_bad_recipe_fields(model: Path, tmp_path: Path, table: str, needle: str) -> None:
     recipe = tmp_path / "mine.toml"
     recipe.write_text(table)
@@ -242,7 +256,11 @@ def test_an_output_that_cannot_be_created(model: Path, native: Path, tmp_path: P
 def test_an_output_in_a_read_only_folder(model: Path, native: Path, tmp_path: Path, command: str) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    args = {"quantize": [model, locked / "out", *FAST], "convert": [native, locked / "out"], "demo-model": [locked / "out"]}[command]
+    args = {
+        "quantize": [model, locked / "out", *FAST],
+        "convert": [native, locked / "out"],
+        "demo-model": [locked / "out"],
+    }[command]
     expect_refusal(invoke(command, *args), "permission denied")
     assert not any(locked.iterdir())
 
@@ -291,8 +309,13 @@ def test_a_reused_measurement_is_kept_in_out_and_the_head_bits_hold(model: Path,
 
 
 def test_plain_progress_lines_without_a_terminal(model: Path, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "cli", "quantize", str(model), str(tmp_path / "out"), *FAST],
-                            cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "quantize", str(model), str(tmp_path / "out"), *FAST],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     for stage in ("calibrate", "measure", "quantize", "compile"):
         assert f"] {stage}: done" in result.stdout, result.stdout
@@ -310,14 +333,25 @@ def test_every_command_fails_in_one_line(model: Path, native: Path, tmp_path: Pa
     (bad_json / "config.json").write_text("{")
     missing = tmp_path / "missing"
     cases = [
-        ["info", missing], ["info", not_pixtral], ["info", bad_json], ["info", native],
-        ["inspect", missing], ["inspect", model], ["inspect", not_pixtral],
-        ["demo-model", model], ["convert", missing, tmp_path / "x"], ["convert", model, tmp_path / "x"],
-        ["convert", native, tmp_path / "x", "--dtype", "int4"], ["convert", native, tmp_path / "x", "--shard-size", "0"],
-        ["quantize", missing, tmp_path / "x"], ["quantize", not_pixtral, tmp_path / "x"], ["quantize", model, tmp_path / "x", "--bpw", "four"],
-        ["quantize", model, model], ["quantize", model, tmp_path / "x", *FAST, "--measurement", missing],
+        ["info", missing],
+        ["info", not_pixtral],
+        ["info", bad_json],
+        ["info", native],
+        ["inspect", missing],
+        ["inspect", model],
+        ["inspect", not_pixtral],
+        ["demo-model", model],
+        ["convert", missing, tmp_path / "x"],
+        ["convert", model, tmp_path / "x"],
+        ["convert", native, tmp_path / "x", "--dtype", "int4"],
+        ["convert", native, tmp_path / "x", "--shard-size", "0"],
+        ["quantize", missing, tmp_path / "x"],
+        ["quantize", not_pixtral, tmp_path / "x"],
+        ["quantize", model, tmp_path / "x", "--bpw", "four"],
+        ["quantize", model, model],
+        ["quantize", model, tmp_path / "x", *FAST, "--measurement", missing],
         ["quantize", model, tmp_path / "x", *FAST, "--calibration-text", missing],
-    ]  # fmt: skip
+    ]
     for case in cases:
         result = invoke(*case)
         assert result.exit_code == 2, (case, result.output)
@@ -343,12 +377,14 @@ def test_force_does_not_replace_another_commands_output(model: Path, tmp_path: P
 
 @pytest.mark.parametrize(
     "args",
-    [["quantize", "MODEL", "OUT", "--length", "abc"], ["chat", "MODEL", "--temperature", "-1"], ["serve", "--port", "0"],
-     ["eval", "MODEL", "MODEL", "--samples", "3"], ["quantize", "MODEL"], ["nosuch"]],
+    [["quantize", "MODEL", "OUT", "--length", "abc"], ["chat", "MODEL", "--temperature", "-1"],
+     ["serve", "--port", "0"], ["eval", "MODEL", "MODEL", "--samples", "3"], ["quantize", "MODEL"], ["nosuch"]],
 )  # fmt: skip
 def test_option_values_the_parser_refuses_fail_in_one_line(model: Path, tmp_path: Path, args: list[str]) -> None:
     result = invoke(*[model if a == "MODEL" else tmp_path / "out" if a == "OUT" else a for a in args])
-    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert (
+        result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    ), result.output
     assert "--help" in result.output and "╭" not in result.output
 
 
@@ -400,7 +436,9 @@ def test_a_quantize_output_folder_says_pick_a_tier(model: Path, tmp_path: Path) 
         expect_refusal(invoke(command, out), "quantize output folder", f"pick a tier, e.g. {out / '4.0bpw'}")
 
 
-def test_chat_refuses_a_bad_picture_before_loading_the_model(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chat_refuses_a_bad_picture_before_loading_the_model(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import runtime.backends
 
     def never(*args: object, **kwargs: object) -> None:

@@ -40,7 +40,15 @@ def _rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).reshape(x.shape)
 
 
-def _attention(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, heads: int, kv_heads: int, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _attention(
+    x: torch.Tensor,
+    w: dict[str, torch.Tensor],
+    p: str,
+    heads: int,
+    kv_heads: int,
+    angles: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
     T = x.shape[0]
     q = (x @ w[p + "wq.weight"].T).view(T, heads, -1)
     k = (x @ w[p + "wk.weight"].T).view(T, kv_heads, -1)
@@ -73,7 +81,15 @@ def native_vision(w: dict[str, torch.Tensor], params: dict, pixels: list[torch.T
     mask = owner_t[:, None] == owner_t[None, :]
     for i in range(v["num_hidden_layers"]):
         p = f"vision_encoder.transformer.layers.{i}."
-        x = x + _attention(_rms(x, w[p + "attention_norm.weight"]), w, p + "attention.", v["num_attention_heads"], v["num_attention_heads"], angles_all, mask)
+        x = x + _attention(
+            _rms(x, w[p + "attention_norm.weight"]),
+            w,
+            p + "attention.",
+            v["num_attention_heads"],
+            v["num_attention_heads"],
+            angles_all,
+            mask,
+        )
         x = x + _ffn(_rms(x, w[p + "ffn_norm.weight"]), w, p + "feed_forward.")
     h = x @ w["vision_language_adapter.w_in.weight"].T + w.get("vision_language_adapter.w_in.bias", 0)
     return F.gelu(h) @ w["vision_language_adapter.w_out.weight"].T + w.get("vision_language_adapter.w_out.bias", 0)
@@ -89,7 +105,15 @@ def native_logits(w: dict[str, torch.Tensor], params: dict, ids: list[int], pixe
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(params["n_layers"]):
         p = f"layers.{i}."
-        x = x + _attention(_rms(x, w[p + "attention_norm.weight"]), w, p + "attention.", params["n_heads"], params["n_kv_heads"], angles, causal)
+        x = x + _attention(
+            _rms(x, w[p + "attention_norm.weight"]),
+            w,
+            p + "attention.",
+            params["n_heads"],
+            params["n_kv_heads"],
+            angles,
+            causal,
+        )
         x = x + _ffn(_rms(x, w[p + "ffn_norm.weight"]), w, p + "feed_forward.")
     return _rms(x, w["norm.weight"]) @ w["output.weight"].T
 
@@ -112,7 +136,9 @@ def test_converted_model_matches_native_forward(tmp_path: Path, tokenizer: str, 
 
     tok = PixtralTokenizer(dst)
     rng = np.random.default_rng(0)
-    image_tokens, pixels = encode_image(Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)), tok.image_ids)
+    image_tokens, pixels = encode_image(
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)), tok.image_ids
+    )
     ids = [tok.bos_id] + tok.encode("[INST]") + image_tokens + tok.encode("What is it?[/INST]")
     weights = native_weights(params | {"vision_encoder": params["vision_encoder"] | {"adapter_bias": bias}}, bias)
     weights = {k: v.to(torch.bfloat16) for k, v in weights.items()}  # what the shards hold
@@ -120,8 +146,11 @@ def test_converted_model_matches_native_forward(tmp_path: Path, tokenizer: str, 
 
     model = transformers.LlavaForConditionalGeneration.from_pretrained(dst, torch_dtype=torch.float32).eval()
     with torch.no_grad():
-        got = model(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixels)[None],
-                    image_sizes=torch.tensor([pixels.shape[1:]])).logits[0]  # fmt: skip
+        got = model(
+            input_ids=torch.tensor([ids]),
+            pixel_values=torch.from_numpy(pixels)[None],
+            image_sizes=torch.tensor([pixels.shape[1:]]),
+        ).logits[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert (dst / "tokenizer.json").is_file() and (dst / "chat_template.json").is_file()
     assert json.loads((dst / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 1024
@@ -178,7 +207,10 @@ def test_cli_convert_and_errors(tmp_path: Path) -> None:
 def test_failed_conversion_leaves_no_destination(tmp_path: Path) -> None:
     src = write_native(tmp_path / "native", PARAMS, "spm", bias=False)
     # a projector bias that params.json says is absent
-    save_file({"vision_language_adapter.w_in.bias": torch.zeros(64, dtype=torch.bfloat16)}, str(src / "consolidated-extra.safetensors"))
+    save_file(
+        {"vision_language_adapter.w_in.bias": torch.zeros(64, dtype=torch.bfloat16)},
+        str(src / "consolidated-extra.safetensors"),
+    )
     with pytest.raises(ConversionError, match="adapter_bias is False"):
         convert(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

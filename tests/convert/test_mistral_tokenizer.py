@@ -14,7 +14,18 @@ mistral = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
 ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ  \n\t'.,;:!?0123456789-_()[]{}\"éüñ中文日本語😀") + [
     "don't", "Hello", " world", "  ", "\n\n", "The ", "ing", "'s", "https://x.y/z", "▁", "<0x41>", "\r\n",
 ]  # fmt: skip
-FIXED = ["Hello world", "don'tthe", " Hello", "a  b   c", "  leading", "trailing  ", "x\n\ny", "1234567", "中文テキスト", "😀😀"]
+FIXED = [
+    "Hello world",
+    "don'tthe",
+    " Hello",
+    "a  b   c",
+    "  leading",
+    "trailing  ",
+    "x\n\ny",
+    "1234567",
+    "中文テキスト",
+    "😀😀",
+]
 
 
 def _strings(count: int, seed: int) -> list[str]:
@@ -28,7 +39,11 @@ def test_text_ids_match_mistral_common(kind: str) -> None:
     ours = convert_mistral_tokenizer(path).tokenizer
     theirs = mistral.MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
     # in a prompt, text follows a special token (each run gets spm's dummy prefix from the normalizer)
-    mismatches = [s for s in _strings(1500, seed=hash(kind) % 1000) if theirs.encode(s, bos=False, eos=False) != ours.encode("</s>" + s, add_special_tokens=False).ids[1:]]
+    mismatches = [
+        s
+        for s in _strings(1500, seed=hash(kind) % 1000)
+        if theirs.encode(s, bos=False, eos=False) != ours.encode("</s>" + s, add_special_tokens=False).ids[1:]
+    ]
     assert mismatches == []
 
 
@@ -41,8 +56,14 @@ def test_a_whole_string_encodes_as_mistral_common(kind: str) -> None:
     ours = convert_mistral_tokenizer(path).tokenizer
     theirs = mistral.MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
     rng = random.Random(7)
-    strings = [" " * rng.randint(1, 3) + "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 20))) for _ in range(1500)]
-    mismatches = [s for s in _strings(500, seed=8) + strings if theirs.encode(s, bos=False, eos=False) != ours.encode(s, add_special_tokens=False).ids]
+    strings = [
+        " " * rng.randint(1, 3) + "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 20))) for _ in range(1500)
+    ]
+    mismatches = [
+        s
+        for s in _strings(500, seed=8) + strings
+        if theirs.encode(s, bos=False, eos=False) != ours.encode(s, add_special_tokens=False).ids
+    ]
     assert mismatches == []
 
 
@@ -52,8 +73,22 @@ def test_special_ids_match_mistral_common(kind: str) -> None:
     ours = convert_mistral_tokenizer(path).tokenizer
     theirs = mistral.MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
     assert ours.get_vocab_size() == theirs.n_words
-    for token in ["<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
-                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]:  # fmt: skip
+    for token in [
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+        "[IMG]",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[TOOL_CALLS]",
+        "[AVAILABLE_TOOLS]",
+        "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[TOOL_CONTENT]",
+    ]:
         assert ours.token_to_id(token) == theirs.get_special_token(token), token
         assert ours.encode(token, add_special_tokens=False).ids == [theirs.get_special_token(token)]
 

@@ -14,7 +14,19 @@ runner = CliRunner()
 
 
 def _chat(model: Path, script: list[str], *flags: str):
-    args = ["chat", str(model), "--backend", "reference", "--device", "cpu", "--temperature", "0", "--max-tokens", "6", *flags]
+    args = [
+        "chat",
+        str(model),
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        *flags,
+    ]
     return runner.invoke(app, args, input="\n".join(script) + "\n")
 
 
@@ -22,8 +34,18 @@ def test_a_scripted_conversation_with_images_save_and_load(tiny_model: Path, tmp
     picture = tmp_path / "red.png"
     Image.new("RGB", (48, 32), "red").save(picture)
     saved = tmp_path / "chat.json"
-    script = ["/system Answer briefly.", f"/image {picture}", "What colour is this?", "And its shape?", f"/save {saved}", "/reset",
-              f"/load {saved}", "One more question.", "/exit", "never sent"]  # fmt: skip
+    script = [
+        "/system Answer briefly.",
+        f"/image {picture}",
+        "What colour is this?",
+        "And its shape?",
+        f"/save {saved}",
+        "/reset",
+        f"/load {saved}",
+        "One more question.",
+        "/exit",
+        "never sent",
+    ]
     result = _chat(tiny_model, script)
     assert result.exit_code == 0, result.output
     assert result.output.count("model>") == 3 and "Traceback" not in result.output
@@ -38,8 +60,14 @@ def test_a_scripted_conversation_with_images_save_and_load(tiny_model: Path, tmp
 def test_errors_keep_the_chat_running(tiny_model: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    script = [f"/image {tmp_path / 'missing.png'}", f"/image {broken}", "/frobnicate", f"/load {tmp_path / 'nothing.json'}",
-              "word " * 60, "Still there?"]  # fmt: skip
+    script = [
+        f"/image {tmp_path / 'missing.png'}",
+        f"/image {broken}",
+        "/frobnicate",
+        f"/load {tmp_path / 'nothing.json'}",
+        "word " * 60,
+        "Still there?",
+    ]
     result = _chat(tiny_model, script, "--context", "48")
     assert result.exit_code == 0, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -71,7 +71,9 @@ def test_worked_example_dequantization() -> None:
     assert float((q_scale_max[0].float() / 256).half()) == GOLDEN["group0_m"]  # an fp16 subnormal, not flushed
     assert float((q_scale_max[1].float() / 256).half()) == pytest.approx(GOLDEN["group1_m"], rel=1e-6)
     identity = perm_to_q_invperm(torch.arange(64))
-    weight = dequantize(pack_q_weight(codes, plan), pack_scales(scale_codes), q_scale_max, build_q_groups(plan), identity)
+    weight = dequantize(
+        pack_q_weight(codes, plan), pack_scales(scale_codes), q_scale_max, build_q_groups(plan), identity
+    )
     assert weight.shape == (32, 64) and weight.dtype == torch.float16  # nn.Linear orientation [N, K]
     assert weight[0, :8].tolist() == GOLDEN["group0_dequant_col0_rows0_7"]
     s1 = GOLDEN["group1_scale_col0"]
@@ -140,7 +142,9 @@ def test_layer_round_trips_through_safetensors(plan: GroupPlan, columns: int, se
     assert torch.equal(q_invperm_to_perm(back["x.q_invperm"]), perm)
 
     # dequantization equals a direct float computation of §2.8 (fp16 roundings at each product)
-    weight = dequantize(back["x.q_weight"], back["x.q_scale"], back["x.q_scale_max"], back["x.q_groups"], back["x.q_invperm"])
+    weight = dequantize(
+        back["x.q_weight"], back["x.q_scale"], back["x.q_scale_max"], back["x.q_groups"], back["x.q_invperm"]
+    )
     expected = torch.empty(plan.rows, N, dtype=torch.float16)
     row = 0
     for g, (bits, rows) in enumerate(plan.groups):

@@ -45,7 +45,9 @@ def _prompt(tokenizer: PixtralTokenizer, images: list[Image.Image]) -> tuple[lis
 def test_text_logits_match_transformers(model_fixture: str, request: pytest.FixtureRequest) -> None:
     model_dir = request.getfixturevalue(model_fixture)
     tokenizer = PixtralTokenizer(model_dir)
-    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("[INST]The quick brown fox jumps over the lazy dog.[/INST]")])
+    ids = torch.tensor(
+        [[tokenizer.bos_id] + tokenizer.encode("[INST]The quick brown fox jumps over the lazy dog.[/INST]")]
+    )
     ours = load_model(model_dir)(ids)
     with torch.no_grad():
         theirs = _hf_model(model_dir)(input_ids=ids).logits

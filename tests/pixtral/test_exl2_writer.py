@@ -43,7 +43,9 @@ def test_unquantized_tensors_are_bit_identical(exl2_pair) -> None:
     source, out, results = exl2_pair
     with Checkpoint(source) as src, Checkpoint(out) as dst:
         copied = [n for n in src.names() if n.rpartition(".")[0] not in results]
-        assert any(n.startswith("vision_tower.") for n in copied) and any(n.startswith("multi_modal_projector.") for n in copied)
+        assert any(n.startswith("vision_tower.") for n in copied) and any(
+            n.startswith("multi_modal_projector.") for n in copied
+        )
         for name in copied:
             assert src.dtype(name) == dst.dtype(name)
             a, b = src.get(name), dst.get(name)
@@ -93,12 +95,26 @@ LAYER = "language_model.model.layers.1.mlp.down_proj"
     "edit,error",
     [
         (lambda t: t.pop(f"{LAYER}.q_invperm", None) is not None, f"{LAYER}.q_invperm is missing"),
-        (lambda t: f"{LAYER}.q_groups" in t and t.update({f"{LAYER}.q_groups": t[f"{LAYER}.q_groups"].int()}) is None,
-         f"{LAYER}.q_groups is I32, expected I16"),
-        (lambda t: f"{LAYER}.q_groups" in t and t.update({f"{LAYER}.q_groups": torch.tensor([4, 0, 4, 5], dtype=torch.int16)}) is None,
-         f"{LAYER}.q_groups: group"),
-        (lambda t: f"{LAYER}.q_scale_max" in t and t.update({f"{LAYER}.q_scale_max": t[f"{LAYER}.q_scale_max"].float()}) is None,
-         f"{LAYER}.q_scale_max is F32, expected F16"),
+        (
+            lambda t: (
+                f"{LAYER}.q_groups" in t and t.update({f"{LAYER}.q_groups": t[f"{LAYER}.q_groups"].int()}) is None
+            ),
+            f"{LAYER}.q_groups is I32, expected I16",
+        ),
+        (
+            lambda t: (
+                f"{LAYER}.q_groups" in t
+                and t.update({f"{LAYER}.q_groups": torch.tensor([4, 0, 4, 5], dtype=torch.int16)}) is None
+            ),
+            f"{LAYER}.q_groups: group",
+        ),
+        (
+            lambda t: (
+                f"{LAYER}.q_scale_max" in t
+                and t.update({f"{LAYER}.q_scale_max": t[f"{LAYER}.q_scale_max"].float()}) is None
+            ),
+            f"{LAYER}.q_scale_max is F32, expected F16",
+        ),
     ],
 )
 def test_corrupt_layers_are_named(exl2_pair, tmp_path: Path, edit, error: str) -> None:
