@@ -65,6 +65,14 @@ def quantize(
     text_only: Annotated[
         bool, typer.Option("--text-only", help="Calibrate on text alone (same as --image-fraction 0).")
     ] = False,
+    asymmetric: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--asymmetric/--symmetric",
+            help="GPTQ each layer against the fp16 model's outputs on fp16 inputs (GPTAQ; the default), or "
+            "against its own outputs on the tier's inputs (exllamav2's way).",
+        ),
+    ] = None,
     calibration_text: Annotated[
         Optional[list[Path]],
         typer.Option(help="Text/jsonl/parquet file or folder (repeatable); default: exllamav2's standard set."),
@@ -139,6 +147,7 @@ def quantize(
         "force": force,
         "keep_work": keep_work,
         "check_weights": not skip_weight_check,
+        "asymmetric": asymmetric,
         "workers": workers,
         "ray_address": ray_address,
         "calibration": {

@@ -8,7 +8,7 @@ fp16); for the many passes of a measurement they are kept on the compute device 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -82,6 +82,44 @@ class BlockRunner:
                 if stop is not None:
                     stop.remove()
         return accumulators, outputs
+
+    @torch.no_grad()
+    def cross_hessians(
+        self, block: str, states: Iterable[Tensor], reference: Iterable[Tensor], weights: Sequence[Tensor] | None = None
+    ) -> tuple[dict[str, HessianAccumulator], dict[str, Tensor]]:
+        """For each input group of the block: the Hessian of its inputs x on `states` (a tier's
+        stream), and D = E[(x_ref − x)ᵀ x] against its inputs x_ref on `reference` (the fp16 stream,
+        same rows), both token-weighted; the block's current weights run both."""
+        specs = block_specs(block)
+        groups = {spec.hessian_group: self.layer.get_submodule(spec.name) for spec in reversed(specs)}
+        captured: dict[str, Tensor] = {}
+        handles = [
+            linear.register_forward_pre_hook(lambda _m, args, g=group: captured.__setitem__(g, args[0]))
+            for group, linear in groups.items()
+        ]
+        stop = self.layer.get_submodule(specs[-1].name).register_forward_pre_hook(_stop)
+        accumulators = {g: HessianAccumulator(linear.in_features, self.compute.device) for g, linear in groups.items()}
+        cross = {g: torch.zeros_like(a.H) for g, a in accumulators.items()}
+        try:
+            for index, (state, ref) in enumerate(zip(states, reference)):
+                inputs = []
+                for rows in (ref, state):
+                    captured.clear()
+                    try:
+                        self.forward(block, rows.to(self.compute.device, self.compute.dtype)[None])
+                    except _Enough:
+                        pass
+                    inputs.append({g: x.reshape(-1, x.shape[-1]).float() for g, x in captured.items()})
+                w = None if weights is None else weights[index].to(self.compute.device, torch.float32)[:, None]
+                for group, accumulator in accumulators.items():
+                    x_ref, x = inputs[0][group], inputs[1][group]
+                    accumulator.token_weight = None if weights is None else weights[index]
+                    accumulator.add(x)
+                    cross[group].addmm_(((x_ref - x) if w is None else (x_ref - x) * w).T, x)
+        finally:
+            for handle in (*handles, stop):
+                handle.remove()
+        return accumulators, {g: cross[g] / max(accumulators[g].tokens, 1e-30) for g in cross}
 
     @torch.no_grad()
     def squared_error(

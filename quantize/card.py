@@ -48,12 +48,11 @@ def render_card(tier: str, quant: EXL2Metadata, size_bytes: int, quality: list[s
         f"| weights on disk | {size_text(size_bytes)} |",
         "| kept fp16 | vision tower, projector, token embeddings, norms |",
         f"| calibration | {_given(calibration.rows)} rows × {_given(calibration.length)} tokens, "
-        f"{calibration.images or 0} images; "
-        f"{_given(calibration.dataset)} |",
+        f"{calibration.images or 0} images; {_given(calibration.dataset)} |",
         "| image-token Hessian weight | "
         f"{1.0 if calibration.image_token_weight is None else calibration.image_token_weight} |",
-        f"| calibration-set KL vs fp16 | {number(quant.calibration_kl, 5)} (last-layer logits on the calibration "
-        "rows) |",
+        f"| calibration-set KL vs fp16 | {number(quant.calibration_kl, 5)} "
+        "(last-layer logits on the calibration rows) |",
         "",
         "## Quality",
         "",
@@ -63,8 +62,8 @@ def render_card(tier: str, quant: EXL2Metadata, size_bytes: int, quality: list[s
     else:
         parts += [
             "Not measured yet beyond the calibration set: run `pixtral-exl2 eval SOURCE_DIR THIS_DIR` to add the "
-            "quality "
-            "table (perplexity and KL on text, KL and top-1 agreement on image prompts) and its plot to this card.",
+            "quality table (perplexity and KL on text, KL and top-1 agreement on image prompts) and its plot to "
+            "this card.",
             "",
         ]
     parts += _how_to_run(tier)
@@ -95,8 +94,8 @@ def _how_to_run(tier: str) -> list[str]:
         "",
         "`pixtral-exl2 serve` lays images out exactly as mistral-common does: `[IMG]…[IMG_BREAK]…[IMG_END]` grids on a "
         "16-px grid, our fp16 vision tower's features at the `[IMG]` positions. Without flash-attn ≥ 2.5.7 its "
-        "exllamav2 "
-        "backend runs unpaged with a causal-masked attention, one request at a time (`/v1/model` says which).",
+        "exllamav2 backend runs unpaged with a causal-masked attention, one request at a time "
+        "(`/v1/model` says which).",
         "",
         "## Serve it with TabbyAPI",
         "",
@@ -110,12 +109,9 @@ def _how_to_run(tier: str) -> list[str]:
         "```",
         "",
         "Text, raw completions (`add_bos_token`) and the chat template (image parts, text before or after a "
-        "picture) give "
-        "mistral-common's tokens there. The picture itself is encoded by exllamav2's own Pixtral processor, which "
-        "differs "
-        "from mistral-common: it resizes images to multiples of 32 px (not 16) and ends the grid with an extra "
-        "`[IMG_BREAK]` before `[IMG_END]`. On the project's demo model (4.0 tier, greedy) 21 of 24 picture answers "
-        "were "
-        "right with mistral-common's layout and 17 of 24 through exllamav2's processor; use `pixtral-exl2 serve` where "
-        "the exact layout matters.",
+        "picture) give mistral-common's tokens there. The picture itself is encoded by exllamav2's own Pixtral "
+        "processor, which differs from mistral-common: it resizes images to multiples of 32 px (not 16) and ends "
+        "the grid with an extra `[IMG_BREAK]` before `[IMG_END]`, a layout the model was not trained on. On the "
+        "project's demo model (4.0 tier, greedy, `python bench/tabbyapi_image_layout.py`) both layouts answer 20 "
+        "of 24 example picture questions right; use `pixtral-exl2 serve` where the exact layout matters.",
     ]

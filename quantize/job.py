@@ -62,6 +62,9 @@ class QuantizeConfig:
     measurement: Path | None = None  # reuse a measurement.json (ours or exllamav2's) and skip MEASURE
     device: str = "auto"
     damp: float = DAMP
+    asymmetric: bool = (
+        True  # GPTQ against fp16's outputs on fp16 inputs, not the tier's own (GPTAQ; bench/quality_ab.py)
+    )
     shard_mb: int = DEFAULT_SHARD_MB
     resume: bool = False
     force: bool = False
@@ -80,6 +83,7 @@ class QuantizeConfig:
             "measurement": str(self.measurement) if self.measurement else None,
             "damp": self.damp,
             "device": resolve_device(self.device).type,  # cpu computes in fp32, cuda in fp16: not mixable
+            "asymmetric": self.asymmetric,
         }
 
     def fingerprint(self) -> str:

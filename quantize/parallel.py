@@ -72,6 +72,7 @@ class TierBlock:
     plans: dict[str, tuple[tuple[int, int], ...]]  # linear name (in the layer) -> groups
     source: Location
     rows: int
+    reference: Location | None = None  # the fp16 stream at this block: GPTQ against fp16 (asymmetric)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,8 @@ class TaskRunner:
         self._layer: tuple[int, DecoderLayer] | None = None
         self._measured: tuple[tuple[int, str, str], BlockRunner, Any] | None = None
         self._weights: dict[int, list[torch.Tensor] | None] = {}
-        self.heads: dict[
-            Location, Any
-        ] = {}  # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
+        # reference stream location -> tiers.HeadQuantizer (its fp16 reference computed once)
+        self.heads: dict[Location, Any] = {}
 
     def layer(self, index: int) -> DecoderLayer:
         if self._layer is None or self._layer[0] != index:
@@ -137,7 +137,8 @@ class TaskRunner:
             runner = self.runner(task.layer)
             weights = self.token_weights(task.rows)
             plans = {name: GroupPlan(groups) for name, groups in task.plans.items()}
-            tensors = quantize_block(runner, task.block, ctx.store.rows(task.source, task.rows), plans, weights)
+            fp16 = ctx.store.rows(task.reference, task.rows) if task.reference is not None else None
+            tensors = quantize_block(runner, task.block, ctx.store.rows(task.source, task.rows), plans, weights, fp16)
             folder = ctx.work / "quantized" / task.tier
             folder.mkdir(parents=True, exist_ok=True)
             save_tensors(

@@ -234,7 +234,8 @@ def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
         + 2 * 4 * t.hidden_size**2
     )
     params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
-    disk = disk_bytes(spec.rows, spec.measure_rows, len(config.tiers), spec.length, t.hidden_size) + int(
+    reference_rows = spec.rows if config.asymmetric else spec.measure_rows
+    disk = disk_bytes(spec.rows, reference_rows, len(config.tiers), spec.length, t.hidden_size) + int(
         params * sum(config.tiers) / 8
     )
     ram = int(max(measure, head))  # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA)

@@ -131,8 +131,9 @@ def next_location(stream: str, current: Location) -> Location:
     return Location(stream, 1 - current.buffer) if current.stream == stream else Location(stream, 0)
 
 
-def disk_bytes(rows: int, measure_rows: int, tiers: int, length: int, hidden: int) -> int:
-    """Peak disk of the row states: the embeddings, the reference stream and every tier's, two buffers
-    each (the measurement's stream is gone by then)."""
+def disk_bytes(rows: int, reference_rows: int, tiers: int, length: int, hidden: int) -> int:
+    """Peak disk of the row states: the embeddings, the reference stream (its rows: the measurement
+    rows, or every row for asymmetric GPTQ) and every tier's, two buffers each (the measurement's
+    stream is gone by then)."""
     record = length * hidden * 2
-    return record * (rows + 2 * measure_rows + 2 * tiers * rows)
+    return record * (rows + 2 * reference_rows + 2 * tiers * rows)

@@ -1,8 +1,10 @@
 """QUANTIZE: every tier, GPTQ of each block with the tier's layouts on the tier's own (already
-quantized) stream, so each layer is calibrated on the inputs it will really see; then each head.
+quantized) stream, so each layer is calibrated on the inputs it will really see, against the fp16
+model's outputs on the fp16 stream (asymmetric calibration; `QuantizeConfig.asymmetric`); then each head.
 
-Block by block: an fp16 reference stream of the measurement rows advances too (for the calibration
-KL), then each tier's block is quantized and run; a checkpoint follows every block.
+Block by block: the fp16 reference stream advances too (the measurement rows for the calibration KL,
+every row for asymmetric GPTQ), then each tier's block is quantized and run; a checkpoint follows
+every block.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pixtral.weights import Checkpoint
 from quantize.block import BLOCKS, BlockRunner, block_specs
 from quantize.candidates import head_plan, linear_shapes
 from quantize.compute import Compute
-from quantize.gptq import GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
+from quantize.gptq import DAMP, GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
 from quantize.hessian import HessianAccumulator
 from quantize.job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
 from quantize.measure import load_measurement, measurement_from_json
@@ -41,18 +43,42 @@ def quantize_block(
     states: Iterable[Tensor],
     plans: dict[str, GroupPlan],
     weights: Sequence[Tensor] | None = None,
+    reference: Iterable[Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """GPTQ every linear of the block with its layout; the runner's layer then holds the quantized
-    weights (run it for the block's outputs). Returns the EXL2 tensors per linear."""
-    accumulators, _ = runner.hessians(block, states, weights, keep_outputs=False)
-    prepared = {group: prepare_hessian(acc.result(), runner.compute.damp) for group, acc in accumulators.items()}
+    weights (run it for the block's outputs). Returns the EXL2 tensors per linear.
+
+    With `reference` (the fp16 stream's rows at this block), each linear's target is the fp16 output
+    on the fp16 inputs, not its own output on the tier's inputs (`asymmetric_target`)."""
+    if reference is None:
+        accumulators, _ = runner.hessians(block, states, weights, keep_outputs=False)
+        cross: dict[str, Tensor] = {}
+    else:
+        accumulators, cross = runner.cross_hessians(block, states, reference, weights)
+    hessians = {group: acc.result() for group, acc in accumulators.items()}
+    prepared = {group: prepare_hessian(H, runner.compute.damp) for group, H in hessians.items()}
     tensors = {}
     for spec in block_specs(block):
         weight = runner.layer.get_submodule(spec.name).weight.data
-        result = gptq_quantize(weight, prepared[spec.hessian_group], plans[spec.name], group=runner.compute.group)
+        group = spec.hessian_group
+        if group in cross:
+            weight = asymmetric_target(weight, hessians[group], cross[group], runner.compute.damp)
+        result = gptq_quantize(weight, prepared[group], plans[spec.name], group=runner.compute.group)
         tensors[spec.name] = pack_exl2(result, plans[spec.name])
         runner.set_weight(spec.name, result.weight)
     return tensors
+
+
+def asymmetric_target(W: Tensor, H: Tensor, D: Tensor, damp: float = DAMP) -> Tensor:
+    """The weight whose output on the tier's inputs x best matches W's on the fp16 inputs x_ref:
+    argmin_Q E‖x_ref Wᵀ − x Qᵀ‖² = W + W D H⁻¹, with H = E[xᵀx] and D = E[(x_ref − x)ᵀ x] (GPTAQ's
+    asymmetric calibration). E‖x_ref Wᵀ − x Qᵀ‖² differs from E‖x (W' − Q)ᵀ‖² by a constant, so GPTQ
+    of this target on H minimizes the error against fp16 itself. H is damped as GPTQ damps it."""
+    Hd = H.float().clone()
+    Hd.diagonal().add_(torch.clamp(damp * Hd.diagonal().mean(), min=1e-5))
+    L = torch.linalg.cholesky(Hd)  # damped: positive definite
+    correction = torch.cholesky_solve(D.float().T @ W.float().T, L).T
+    return (W.float() + correction).to(W.dtype)
 
 
 def kl_positions(length: int) -> Tensor:
@@ -75,14 +101,32 @@ class HeadQuantizer:
     def add_reference(self, state: Tensor) -> None:
         self.reference.append(self._log_probs(state, self.W).half())
 
-    def quantize(self, states: Iterable[Tensor], plan: GroupPlan, weights: Sequence[Tensor] | None) -> GPTQResult:
+    def quantize(
+        self,
+        states: Iterable[Tensor],
+        plan: GroupPlan,
+        weights: Sequence[Tensor] | None,
+        reference: Iterable[Tensor] | None = None,
+    ) -> GPTQResult:
+        """GPTQ of the head on the tier's final rows; with `reference` (the fp16 stream's final rows),
+        against the fp16 logits (`asymmetric_target`)."""
         accumulator = HessianAccumulator(self.W.shape[1], self.compute.device)
+        cross = torch.zeros_like(accumulator.H)
+        references = iter(reference) if reference is not None else None
         for index, state in enumerate(states):
             accumulator.token_weight = weights[index] if weights else None
-            accumulator.add(self.norm(state.to(self.compute.device, self.compute.dtype)))
-        return gptq_quantize(
-            self.W, prepare_hessian(accumulator.result(), self.compute.damp), plan, group=self.compute.group
-        )
+            x = self.norm(state.to(self.compute.device, self.compute.dtype)).float()
+            accumulator.add(x)
+            if references is not None:
+                delta = self.norm(next(references).to(self.compute.device, self.compute.dtype)).float() - x
+                if weights:
+                    delta = delta * weights[index].to(delta.device, torch.float32)[:, None]
+                cross.addmm_(delta.T, x)
+        H = accumulator.result()
+        target = self.W
+        if references is not None:
+            target = asymmetric_target(self.W, H, cross / max(accumulator.tokens, 1e-30), self.compute.damp)
+        return gptq_quantize(target, prepare_hessian(H, self.compute.damp), plan, group=self.compute.group)
 
     def kl(self, states: Iterable[Tensor], weight: Tensor) -> float:
         """Mean over the measurement rows' sampled positions of KL(fp16 ‖ tier)."""
@@ -103,15 +147,22 @@ def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
         state = replace(state, tiers=allocate_tiers(ctx))
         save_state(ctx.work, state)
     rows, count, tiers = ctx.config.calibration.rows, ctx.config.calibration.measure_rows, sorted(state.tiers)
+    asymmetric = ctx.config.asymmetric
+    reference_rows = rows if asymmetric else count  # asymmetric GPTQ reads every row's fp16 inputs
     total = 2 * ctx.layers * len(tiers)
     for index in range(state.blocks_done, 2 * ctx.layers):
         layer, which = divmod(index, 2)
         block = BLOCKS[which]
         streams = dict(state.streams)
-        tasks: list[Task] = [StreamBlock(REFERENCE, layer, block, current_location(streams, REFERENCE), count)]
+        fp16 = current_location(streams, REFERENCE)
+        tasks: list[Task] = [StreamBlock(REFERENCE, layer, block, fp16, reference_rows)]
         for tier in tiers:
             plans = {s.name: state.tiers[tier].plans[layer_prefix(layer) + s.name] for s in block_specs(block)}
-            tasks.append(TierBlock(tier, layer, block, plans, current_location(streams, tier), rows))
+            tasks.append(
+                TierBlock(
+                    tier, layer, block, plans, current_location(streams, tier), rows, fp16 if asymmetric else None
+                )
+            )
         done = iter(range(index * len(tiers) + 1, total + 1))
 
         def report(task: Task, worker: int, _result: object, layer: int = layer) -> None:
@@ -174,7 +225,8 @@ def quantize_head(
             heads[reference].add_reference(row)
     quantizer, rows, count = heads[reference], ctx.config.calibration.rows, ctx.config.calibration.measure_rows
     plan = head_plan(quantizer.W.shape[1], ctx.config.head_bits)
-    result = quantizer.quantize(ctx.store.rows(location, rows), plan, weights)
+    fp16_rows = ctx.store.rows(reference, rows) if ctx.config.asymmetric else None
+    result = quantizer.quantize(ctx.store.rows(location, rows), plan, weights, fp16_rows)
     save_tensors(
         ctx.work / "quantized" / tier / "head.safetensors",
         {f"{HEAD}.{k}": v for k, v in pack_exl2(result, plan).items()},

@@ -54,7 +54,7 @@ def write_demo_model(out_dir: str | Path, force: bool = False) -> Path:
         for name, tensor in load_file(str(WEIGHTS_FILE)).items():
             writer.add(name, tensor)
         writer.finish()
-        write_json(tmp / TASK_FILE, {"task": "pixtral-exl2 shapes demo (runtime/demo/task.py)", "version": 1})
+        write_json(tmp / TASK_FILE, {"task": "pixtral-exl2 shapes demo (calibration/demo_task.py)", "version": 1})
         write_examples(tmp / "examples")
     return Path(out_dir)
 
