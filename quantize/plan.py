@@ -12,13 +12,15 @@ The budget is `int(numel · bpw)` over the decoder's layer linears, head exclude
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pixtral.exl2.format import GroupPlan, storage_bits
 from quantize.allocate import Option, allocate
 from quantize.candidates import Candidate, all_candidates, make_plan
-from quantize.measure import LinearMeasurement, MeasurementError
+from quantize.measure import LinearMeasurement, MeasurementError, load_measurement, measurement_from_json
 
 FINE_GROUP_ROWS = 32  # the finest scale groups refine_groups() makes
 
@@ -181,3 +183,26 @@ def plan_tier_exllamav2(
     for (block, plans), index in zip(plans_per_slot, choice):
         chosen.update({f"{block}.{lin}": plan for lin, plan in plans[index].items()})
     return finish_tier(target_bpw, chosen, {name: n for name, (_, n) in shapes.items()}, int(numel * target_bpw), numel)
+
+
+def tier_planner(path: Path, shapes: dict[str, tuple[int, int]]) -> Callable[[float], TierPlan]:
+    """Read a measurement (ours or exllamav2's: the one place that tells them apart), check that it
+    covers every linear (ours) or block (exllamav2's) of a model with these linear `shapes`, and
+    return the planner of a tier at a target bpw."""
+    data = load_measurement(path)
+    if is_exllamav2_measurement(data):
+        blocks = sorted({prefix.rpartition(".")[0] for prefix in shapes})
+        missing = [b for b in blocks if not data["measurement"].get(b)]
+        if missing:
+            raise MeasurementError(
+                f"{path}: no measurement for {missing[0]} ({len(missing)} blocks missing); it belongs to another model"
+            )
+        return lambda bpw: plan_tier_exllamav2(data, shapes, bpw, str(path))
+    measurements = measurement_from_json(data, str(path))
+    for name, (rows, columns) in shapes.items():
+        m = measurements.get(name)
+        if m is None or (m.rows, m.columns) != (rows, columns):
+            raise MeasurementError(
+                f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model"
+            )
+    return lambda bpw: plan_tier(measurements, bpw)

@@ -20,8 +20,7 @@ from pixtral.tokenizer import PixtralTokenizer
 from pixtral.weights import Checkpoint, WeightsError
 from quantize.candidates import HEAD_OPTIONS, head_plan, linear_shapes
 from quantize.job import MEASUREMENT_FILE, QuantizeConfig, load_state, tier_name
-from quantize.measure import MeasurementError, load_measurement, measurement_from_json
-from quantize.plan import is_exllamav2_measurement, minimum_bpw
+from quantize.plan import minimum_bpw, tier_planner
 from quantize.streams import disk_bytes
 
 FLOAT_DTYPES = {"F16", "BF16", "F32"}
@@ -136,7 +135,7 @@ def check_plan(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     """Options in range, a usable measurement, and an output directory we may write."""
     check_options(config, cfg)
     if config.measurement is not None:
-        check_measurement(Path(config.measurement), linear_shapes(cfg))
+        tier_planner(Path(config.measurement), linear_shapes(cfg))  # read and checked before any work
     check_output_dir(config)
 
 
@@ -175,26 +174,6 @@ def check_output_dir(config: QuantizeConfig) -> None:
             f"{out_dir}: holds no unfinished quantize job to resume; pass --force to start over there "
             "(only its tiers, measurement.json and .work are replaced)"
         )
-
-
-def check_measurement(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
-    """A reused measurement must cover every linear (ours) or block (exllamav2's) of this model."""
-    data = load_measurement(path)
-    if is_exllamav2_measurement(data):
-        blocks = sorted({prefix.rpartition(".")[0] for prefix in shapes})
-        missing = [b for b in blocks if not data["measurement"].get(b)]
-        if missing:
-            raise MeasurementError(
-                f"{path}: no measurement for {missing[0]} ({len(missing)} blocks missing); it belongs to another model"
-            )
-        return
-    measurements = measurement_from_json(data, str(path))
-    for name, (rows, columns) in shapes.items():
-        m = measurements.get(name)
-        if m is None or (m.rows, m.columns) != (rows, columns):
-            raise MeasurementError(
-                f"{path}: no measurement for {name} with shape {rows}×{columns}; it belongs to another model"
-            )
 
 
 def tier_bytes(cfg: PixtralConfig, bpw: float, head_bits: int) -> int:

@@ -27,9 +27,8 @@ from quantize.compute import Compute
 from quantize.gptq import DAMP, GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
 from quantize.hessian import HessianAccumulator
 from quantize.job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
-from quantize.measure import load_measurement, measurement_from_json
 from quantize.parallel import StreamBlock, Task, TierBlock, TierHead, Workers
-from quantize.plan import is_exllamav2_measurement, plan_tier, plan_tier_exllamav2
+from quantize.plan import tier_planner
 from quantize.streams import EMBED, REFERENCE, Location, current_location, next_location, save_tensors
 
 HEAD = "language_model.lm_head"
@@ -190,13 +189,10 @@ def advance(ctx: JobContext, runner: BlockRunner, block: str, stream: str, sourc
 def allocate_tiers(ctx: JobContext) -> dict[str, TierState]:
     """Every tier's layout per linear, from our measurement or exllamav2's."""
     source = ctx.config.measurement or Path(ctx.config.out_dir) / MEASUREMENT_FILE
-    data, shapes = load_measurement(source), linear_shapes(ctx.cfg)
+    planner = tier_planner(source, linear_shapes(ctx.cfg))
     out = {}
     for bpw in sorted(ctx.config.tiers):
-        if is_exllamav2_measurement(data):
-            tier = plan_tier_exllamav2(data, shapes, bpw, str(source))
-        else:
-            tier = plan_tier(measurement_from_json(data, str(source)), bpw)
+        tier = planner(bpw)
         plans = {name: plan.groups for name, plan in tier.plans.items()}
         out[tier_name(bpw)] = TierState(tier_name(bpw), bpw, tier.bits, tier.numel, plans)
     return out
