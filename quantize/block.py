@@ -16,7 +16,7 @@ from torch import Tensor
 from pixtral.config import TextConfig
 from pixtral.text import DECODER_LINEARS, DecoderLayer, LinearSpec, rope_cos_sin
 from quantize.compute import Compute
-from quantize.hessian import HessianAccumulator, collect_hessians
+from quantize.hessian import CrossAccumulator, HessianAccumulator, collect_hessians
 
 BLOCKS = ("self_attn", "mlp")
 RESIDUAL_LINEARS = ("self_attn.o_proj", "mlp.down_proj")  # output straight into the residual
@@ -86,10 +86,10 @@ class BlockRunner:
     @torch.no_grad()
     def cross_hessians(
         self, block: str, states: Iterable[Tensor], reference: Iterable[Tensor], weights: Sequence[Tensor] | None = None
-    ) -> tuple[dict[str, HessianAccumulator], dict[str, Tensor]]:
+    ) -> dict[str, CrossAccumulator]:
         """For each input group of the block: the Hessian of its inputs x on `states` (a tier's
-        stream), and D = E[(x_ref − x)ᵀ x] against its inputs x_ref on `reference` (the fp16 stream,
-        same rows), both token-weighted; the block's current weights run both."""
+        stream) and the cross term against its inputs x_ref on `reference` (the fp16 stream, same
+        rows), token-weighted; the block's current weights run both."""
         specs = block_specs(block)
         groups = {spec.hessian_group: self.layer.get_submodule(spec.name) for spec in reversed(specs)}
         captured: dict[str, Tensor] = {}
@@ -98,8 +98,7 @@ class BlockRunner:
             for group, linear in groups.items()
         ]
         stop = self.layer.get_submodule(specs[-1].name).register_forward_pre_hook(_stop)
-        accumulators = {g: HessianAccumulator(linear.in_features, self.compute.device) for g, linear in groups.items()}
-        cross = {g: torch.zeros_like(a.H) for g, a in accumulators.items()}
+        accumulators = {g: CrossAccumulator(linear.in_features, self.compute.device) for g, linear in groups.items()}
         try:
             for index, (state, ref) in enumerate(zip(states, reference)):
                 inputs = []
@@ -109,17 +108,14 @@ class BlockRunner:
                         self.forward(block, rows.to(self.compute.device, self.compute.dtype)[None])
                     except _Enough:
                         pass
-                    inputs.append({g: x.reshape(-1, x.shape[-1]).float() for g, x in captured.items()})
-                w = None if weights is None else weights[index].to(self.compute.device, torch.float32)[:, None]
+                    inputs.append(dict(captured))
                 for group, accumulator in accumulators.items():
-                    x_ref, x = inputs[0][group], inputs[1][group]
                     accumulator.token_weight = None if weights is None else weights[index]
-                    accumulator.add(x)
-                    cross[group].addmm_(((x_ref - x) if w is None else (x_ref - x) * w).T, x)
+                    accumulator.add_pair(inputs[0][group], inputs[1][group])
         finally:
             for handle in (*handles, stop):
                 handle.remove()
-        return accumulators, {g: cross[g] / max(accumulators[g].tokens, 1e-30) for g in cross}
+        return accumulators
 
     @torch.no_grad()
     def squared_error(

@@ -41,6 +41,28 @@ class HessianAccumulator:
         return self.H / self.tokens
 
 
+class CrossAccumulator(HessianAccumulator):
+    """The Hessian of one stream's inputs x, and beside it D = Σ w·(x_ref − x)ᵀ x against another
+    stream's inputs x_ref at the same tokens (asymmetric GPTQ: x a tier's, x_ref the fp16 model's),
+    each token weighted as in H."""
+
+    def __init__(self, features: int, device: torch.device | str):
+        super().__init__(features, device)
+        self.D = torch.zeros_like(self.H)
+
+    def add_pair(self, x_ref: Tensor, x: Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, K]
+        delta = x_ref.reshape(-1, x_ref.shape[-1]).float() - x2
+        if self.token_weight is not None:
+            delta = delta * self.token_weight.to(x2.device, torch.float32)[:, None]
+        self.D.addmm_(delta.T, x2)
+        self.add(x2)
+
+    def cross(self) -> Tensor:
+        """Mean D over the weighted tokens (zero when no token was seen)."""
+        return self.D / max(self.tokens, 1e-30)
+
+
 @contextmanager
 def collect_hessians(
     layer: nn.Module, specs: list[LinearSpec], device: torch.device | str

@@ -62,9 +62,8 @@ class QuantizeConfig:
     measurement: Path | None = None  # reuse a measurement.json (ours or exllamav2's) and skip MEASURE
     device: str = "auto"
     damp: float = DAMP
-    asymmetric: bool = (
-        True  # GPTQ against fp16's outputs on fp16 inputs, not the tier's own (GPTAQ; bench/quality_ab.py)
-    )
+    # GPTQ against fp16's outputs on fp16 inputs, not the tier's own (GPTAQ; bench/quality_ab.py)
+    asymmetric: bool = True
     shard_mb: int = DEFAULT_SHARD_MB
     resume: bool = False
     force: bool = False
@@ -92,6 +91,12 @@ class QuantizeConfig:
     @property
     def work_dir(self) -> Path:
         return Path(self.out_dir) / WORK_DIR
+
+    @property
+    def reference_rows(self) -> int:
+        """Rows the fp16 reference stream carries: the measurement rows (the calibration KL), or every
+        row when asymmetric GPTQ reads their fp16 inputs."""
+        return self.calibration.rows if self.asymmetric else self.calibration.measure_rows
 
 
 def tier_name(bpw: float) -> str:

@@ -124,10 +124,9 @@ def _check_disk(config: QuantizeConfig, cfg: PixtralConfig) -> None:
     if need > DISK_HEADROOM * free:
         raise OptionError(
             f"--rows {config.calibration.rows} × --length {config.calibration.length} × {len(config.tiers)} tiers: "
-            "the job "
-            f"needs about {need / 2**30:.1f} GiB of disk under {place}, {free / 2**30:.1f} GiB are free; lower "
-            "--rows or "
-            "--length, or quantize fewer tiers per run (reuse OUT/measurement.json with --measurement)"
+            f"the job needs about {need / 2**30:.1f} GiB of disk under {place}, {free / 2**30:.1f} GiB are free; "
+            "lower --rows or --length, or quantize fewer tiers per run (reuse OUT/measurement.json with "
+            "--measurement)"
         )
 
 
@@ -213,8 +212,7 @@ def job_footprint(config: QuantizeConfig, cfg: PixtralConfig) -> dict[str, int]:
         + 2 * 4 * t.hidden_size**2
     )
     params = sum(n * k for n, k in shapes.values()) * t.num_hidden_layers
-    reference_rows = spec.rows if config.asymmetric else spec.measure_rows
-    disk = disk_bytes(spec.rows, reference_rows, len(config.tiers), spec.length, t.hidden_size) + int(
+    disk = disk_bytes(spec.rows, config.reference_rows, len(config.tiers), spec.length, t.hidden_size) + int(
         params * sum(config.tiers) / 8
     )
     ram = int(max(measure, head))  # each worker holds its own layer, Hessians and work matrices (per GPU on CUDA)

@@ -25,7 +25,7 @@ from quantize.block import BLOCKS, BlockRunner, block_specs
 from quantize.candidates import head_plan, linear_shapes
 from quantize.compute import Compute
 from quantize.gptq import DAMP, GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
-from quantize.hessian import HessianAccumulator
+from quantize.hessian import CrossAccumulator
 from quantize.job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
 from quantize.parallel import StreamBlock, Task, TierBlock, TierHead, Workers
 from quantize.plan import tier_planner
@@ -53,7 +53,8 @@ def quantize_block(
         accumulators, _ = runner.hessians(block, states, weights, keep_outputs=False)
         cross: dict[str, Tensor] = {}
     else:
-        accumulators, cross = runner.cross_hessians(block, states, reference, weights)
+        pairs = runner.cross_hessians(block, states, reference, weights)
+        accumulators, cross = pairs, {group: acc.cross() for group, acc in pairs.items()}
     hessians = {group: acc.result() for group, acc in accumulators.items()}
     prepared = {group: prepare_hessian(H, runner.compute.damp) for group, H in hessians.items()}
     tensors = {}
@@ -109,22 +110,19 @@ class HeadQuantizer:
     ) -> GPTQResult:
         """GPTQ of the head on the tier's final rows; with `reference` (the fp16 stream's final rows),
         against the fp16 logits (`asymmetric_target`)."""
-        accumulator = HessianAccumulator(self.W.shape[1], self.compute.device)
-        cross = torch.zeros_like(accumulator.H)
+        accumulator = CrossAccumulator(self.W.shape[1], self.compute.device)
         references = iter(reference) if reference is not None else None
         for index, state in enumerate(states):
             accumulator.token_weight = weights[index] if weights else None
-            x = self.norm(state.to(self.compute.device, self.compute.dtype)).float()
-            accumulator.add(x)
-            if references is not None:
-                delta = self.norm(next(references).to(self.compute.device, self.compute.dtype)).float() - x
-                if weights:
-                    delta = delta * weights[index].to(delta.device, torch.float32)[:, None]
-                cross.addmm_(delta.T, x)
+            x = self.norm(state.to(self.compute.device, self.compute.dtype))
+            if references is None:
+                accumulator.add(x)
+            else:
+                accumulator.add_pair(self.norm(next(references).to(self.compute.device, self.compute.dtype)), x)
         H = accumulator.result()
         target = self.W
         if references is not None:
-            target = asymmetric_target(self.W, H, cross / max(accumulator.tokens, 1e-30), self.compute.damp)
+            target = asymmetric_target(self.W, H, accumulator.cross(), self.compute.damp)
         return gptq_quantize(target, prepare_hessian(H, self.compute.damp), plan, group=self.compute.group)
 
     def kl(self, states: Iterable[Tensor], weight: Tensor) -> float:
@@ -145,16 +143,14 @@ def run_tiers(ctx: JobContext, state: JobState, workers: Workers) -> JobState:
     if not state.tiers:
         state = replace(state, tiers=allocate_tiers(ctx))
         save_state(ctx.work, state)
-    rows, count, tiers = ctx.config.calibration.rows, ctx.config.calibration.measure_rows, sorted(state.tiers)
-    asymmetric = ctx.config.asymmetric
-    reference_rows = rows if asymmetric else count  # asymmetric GPTQ reads every row's fp16 inputs
+    rows, tiers, asymmetric = ctx.config.calibration.rows, sorted(state.tiers), ctx.config.asymmetric
     total = 2 * ctx.layers * len(tiers)
     for index in range(state.blocks_done, 2 * ctx.layers):
         layer, which = divmod(index, 2)
         block = BLOCKS[which]
         streams = dict(state.streams)
         fp16 = current_location(streams, REFERENCE)
-        tasks: list[Task] = [StreamBlock(REFERENCE, layer, block, fp16, reference_rows)]
+        tasks: list[Task] = [StreamBlock(REFERENCE, layer, block, fp16, ctx.config.reference_rows)]
         for tier in tiers:
             plans = {s.name: state.tiers[tier].plans[layer_prefix(layer) + s.name] for s in block_specs(block)}
             tasks.append(
