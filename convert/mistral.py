@@ -239,8 +239,8 @@ def convert(
     missing, unexpected = sorted(expected - set(source.names), key=natural_key), sorted(set(source.names) - expected)
     if missing:
         raise ConversionError(
-            f"{source.root}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]!r} (mismatched "
-            "shard sets?)"
+            f"{source.root}: {len(missing)} tensor(s) missing from the shards, e.g. {missing[0]!r} "
+            "(mismatched shard sets?)"
         )
     for name in unexpected:
         hf_name(name)  # raises with a clear message for foreign tensors

@@ -66,9 +66,8 @@ class PixtralConfig:
     projector_bias: bool = True
     bos_token_id: int = 1
     eos_token_id: int = 2
-    quantization: EXL2Metadata | None = field(
-        default=None, compare=False, hash=False
-    )  # an EXL2 tier's quantization_config
+    # an EXL2 tier's quantization_config
+    quantization: EXL2Metadata | None = field(default=None, compare=False, hash=False)
 
 
 def _read(section: dict[str, Any], names: list[str], where: str, default: Any = None) -> Any:

@@ -46,7 +46,7 @@ class Candidate:
         return make_plan(rows, self.hi, self.lo, self.hi_rows)
 
     def storage_bits(self, rows: int, columns: int) -> int:
-        """`exl2_format.storage_bits(self.plan(rows), columns)` in closed form: the allocator prices
+        """`pixtral.exl2.format.storage_bits(self.plan(rows), columns)` in closed form: the allocator prices
         thousands of candidates per linear, too many to build plans for."""
         lo_rows = rows - self.hi_rows
         groups = -(-self.hi_rows // GROUP_ROWS[self.hi]) + -(-lo_rows // GROUP_ROWS[self.lo])

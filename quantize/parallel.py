@@ -230,9 +230,8 @@ class RayWorkers(Workers):
                     f"--ray {config.ray_address or 'local'}: Ray did not start ({type(err).__name__}: {err})"
                 ) from None
         gpus = 1 if Compute.for_device(config.device).device.type == "cuda" else 0
-        if (
-            config.ray_address is not None and config.workers == 1
-        ):  # --ray without --workers: as many as the cluster holds
+        # --ray without --workers: as many as the cluster holds
+        if config.ray_address is not None and config.workers == 1:
             resources = ray.cluster_resources()
             self.count = int(resources.get("GPU", 0)) if gpus else max(1, int(resources.get("CPU", 1) // threads))
         actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)(
@@ -262,9 +261,8 @@ class RayWorkers(Workers):
                 ) from None
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
-                raise (
-                    cause if isinstance(cause, Exception) else err
-                ) from None  # the task's own error: a UserError keeps its one line
+                # the task's own error: a UserError keeps its one line
+                raise (cause if isinstance(cause, Exception) else err) from None
             idle.append(worker)
             on_done(tasks[index], worker, results[index])
         return results

@@ -132,9 +132,8 @@ def _start_job(config: QuantizeConfig, tokenizer: PixtralTokenizer, progress: Pr
         config.measurement is not None
         and Path(config.measurement).resolve() != (Path(config.out_dir) / MEASUREMENT_FILE).resolve()
     ):
-        atomic_write_bytes(
-            Path(config.out_dir) / MEASUREMENT_FILE, Path(config.measurement).read_bytes()
-        )  # every job leaves one
+        # every job leaves one
+        atomic_write_bytes(Path(config.out_dir) / MEASUREMENT_FILE, Path(config.measurement).read_bytes())
     save_rows(config.work_dir / ROWS_FILE, rows)
     images = sum(len(r.images) for r in rows)
     state = JobState(

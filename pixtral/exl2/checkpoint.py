@@ -1,7 +1,7 @@
 """Reading EXL2 checkpoints (ours or exllamav2's): lazily, every layer validated.
 
 A checkpoint is the source model directory with each quantized linear's `weight` replaced by the
-EXL2 tensors of exl2_format.py; every other tensor (vision tower, projector, embeddings, norms) is
+EXL2 tensors of format.py; every other tensor (vision tower, projector, embeddings, norms) is
 kept in its source dtype (../shared/spec/exl2-format.md §1.5, §4.7). The writer is
 pixtral/exl2/writer.py.
 """

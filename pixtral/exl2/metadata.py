@@ -4,7 +4,7 @@ Written by quantize (every field), read by info, inspect, eval, the model cards 
 resume. exllamav2's own convert writes the first four fields and a calibration table without our
 extras: everything past `bits` is optional when reading, and a field that is absent stays absent
 when written back. A config's numbers are the writer's claims: eval and inspect measure bpw from the
-tensors (exl2_checkpoint.py).
+tensors (checkpoint.py).
 """
 
 from __future__ import annotations

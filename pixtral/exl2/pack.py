@@ -1,7 +1,7 @@
 """The EXL2 storage format, the writer's half: packing codes, scales, groups and the permutation.
 
 Pure functions, tensor in, tensor out; each is the exact inverse of its reader in
-pixtral/exl2/format.py (round-trip and golden tests in tests/quantize/test_exl2_format.py).
+pixtral/exl2/format.py (round-trip and golden tests in tests/pixtral/test_exl2_format.py).
 """
 
 from __future__ import annotations

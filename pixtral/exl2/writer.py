@@ -1,7 +1,7 @@
 """Writing EXL2 checkpoints: streamed, sharded, atomic.
 
 A checkpoint is the source model directory with each quantized linear's `weight` replaced by the
-EXL2 tensors of exl2_pack.py; every other tensor (vision tower, projector, embeddings, norms) is
+EXL2 tensors of pack.py; every other tensor (vision tower, projector, embeddings, norms) is
 copied bit-identically in its source dtype, as exllamav2's compile step does for the vision parts
 (../shared/spec/exl2-format.md §1.5, §4.7). Shards are `output-0000i-of-0000N.safetensors` with an
 index; the source index and shards are never copied (pitfalls 13 and 14 of §7). The validating
@@ -84,9 +84,8 @@ def write_exl2_checkpoint(
         config = with_top_level_context(json.loads((source_dir / "config.json").read_text(encoding="utf-8")))
         config["quantization_config"] = metadata.to_json()
         write_json(tmp / "config.json", config)
-        for name, data in (
-            extra_files(tmp) if extra_files else {}
-        ).items():  # e.g. the model card, which needs the shard sizes
+        extras = extra_files(tmp) if extra_files else {}  # e.g. the model card, which needs the shard sizes
+        for name, data in extras.items():
             (tmp / name).write_bytes(data)
     return Path(out_dir)
 

@@ -108,9 +108,8 @@ class ReferenceBackend(Backend):
         with self._lock:
             started = time.perf_counter()
             keys = prompt.position_keys(self.cfg.image_token_index)
-            reused = min(
-                common_prefix(self._cached_keys, keys), len(keys) - 1
-            )  # the last position is re-run for its logits
+            # the last position is re-run for its logits
+            reused = min(common_prefix(self._cached_keys, keys), len(keys) - 1)
             self.cache.truncate(reused)
             self._cached_keys = self._cached_keys[:reused]
             embeds, stats.images_encoded = self._embed(prompt, keys, reused)

@@ -225,9 +225,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, level: str = Depends(permission)) -> Any:
         loaded = await host.for_request(body.model, level == ADMIN)
-        prompt, forced = await asyncio.to_thread(
-            chat_prompt, loaded, body, config
-        )  # images and the template, off the loop
+        # images and the template, off the loop
+        prompt, forced = await asyncio.to_thread(chat_prompt, loaded, body, config)
         run = Run(host, loaded, request, config)
         if body.stream:
             return StreamingResponse(

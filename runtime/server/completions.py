@@ -82,10 +82,8 @@ class Run:
             if generation.first_chunk_at is not None:
                 metrics.first_token.observe(generation.first_chunk_at - generation.started)
             self.host.failures.clear()
-        except (
-            asyncio.CancelledError,
-            GeneratorExit,
-        ):  # a streaming client went away: its response is cancelled or closed
+        # a streaming client went away: its response is cancelled or closed
+        except (asyncio.CancelledError, GeneratorExit):
             metrics.disconnects.inc()
             raise
         except (UserError, GenerationCancelled):
@@ -110,9 +108,8 @@ class Run:
             calls = parse_tool_calls(forced_prefix_text + "".join(result.tool_text))
             if calls:
                 return (text or None), calls, "tool_calls"
-            text += forced_prefix_text + "".join(
-                result.tool_text
-            )  # not a valid call: the text as it came, our opening included
+            # not a valid call: the text as it came, our opening included
+            text += forced_prefix_text + "".join(result.tool_text)
         return text, None, result.finish_reason
 
 

@@ -108,9 +108,8 @@ def test_coarse_to_fine_scale_search_matches_the_full_grid() -> None:
     from quantize.gptq import quantize_group
 
     gen = torch.Generator().manual_seed(5)
-    W = (
-        torch.randn(384, 1024, generator=gen) * 0.02 * torch.exp(0.7 * torch.randn(1024, generator=gen))
-    )  # heavy-ish column scales
+    # heavy-ish column scales
+    W = torch.randn(384, 1024, generator=gen) * 0.02 * torch.exp(0.7 * torch.randn(1024, generator=gen))
     gains = torch.exp(0.5 * torch.randn(1024, generator=gen))
     outliers = gains.clone()
     outliers[torch.randperm(1024, generator=gen)[:10]] *= 30  # 1 % of the input channels 30× larger

@@ -160,9 +160,8 @@ def test_a_prompt_over_the_context_is_refused_before_work(tiny_model: Path) -> N
     assert backend.cache.length == 0  # nothing ran
     short = engine.chat_prompt([{"role": "user", "content": "hi"}])
     out = engine.generate(short, GenerationParams(sampling=GREEDY, ignore_eos=True))
-    assert (
-        out.finish_reason == "length" and len(short) + out.usage.completion_tokens == 32
-    )  # stops at the context's end
+    # stops at the context's end
+    assert out.finish_reason == "length" and len(short) + out.usage.completion_tokens == 32
 
 
 def test_logprobs_are_the_models(engine: Engine, backend: ReferenceBackend) -> None:

@@ -21,9 +21,8 @@ def test_the_sample_config_is_the_defaults(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert load_server_config(out) == ServerConfig()  # the shipped sample documents exactly the defaults
     again = runner.invoke(app, ["serve", "--write-config", str(out)])
-    assert (
-        again.exit_code == 2 and "already exists" in again.output and "--force" not in again.output
-    )  # serve has no --force
+    # serve has no --force
+    assert again.exit_code == 2 and "already exists" in again.output and "--force" not in again.output
 
 
 @pytest.mark.parametrize(

@@ -252,9 +252,8 @@ def test_a_huge_prompt_is_refused_at_once_and_stalls_nobody(server) -> None:
 
 
 def test_health_answers_while_eight_streams_run(models: Path) -> None:
-    config = ServerConfig(
-        model=ModelConfig(model_dir=str(models), backend="reference", device="cpu")
-    )  # default limits: 8 at once
+    # default limits: 8 at once
+    config = ServerConfig(model=ModelConfig(model_dir=str(models), backend="reference", device="cpu"))
     done: list[int] = []
 
     with running_server(config, "demo") as running:
@@ -474,9 +473,8 @@ def test_tool_calls_are_parsed(scripted) -> None:
         {"role": "assistant", "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "20C"},
     ]
-    again = client.chat.completions.create(
-        model="tiny", messages=history, tools=TOOLS
-    )  # the call goes back through the template
+    # the call goes back through the template
+    again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)
     assert (
         "[TOOL_RESULTS]" in tokenizer.decode(list(backend.prompts[-1].token_ids), skip_special_tokens=False)
         and again.choices
