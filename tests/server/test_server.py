@@ -288,16 +288,20 @@ def test_keys(server) -> None:
     assert httpx.get(f"{server.url}/v1/auth/permission", headers=ADMIN).json() == {"permission": "admin"}
 
 
+# a chat stream that runs until its client leaves
+ENDLESS_CHAT = {
+    "model": "demo",
+    "messages": [{"role": "user", "content": "Tell me everything."}],
+    "max_tokens": 100000,
+    "stream": True,
+    "ignore_eos": True,
+}
+
+
 def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None:
     """The reference backend runs one generation; a second stream waits with keep-alive comments.
     The first client then disconnects mid-stream and the second proceeds at once."""
-    body = {
-        "model": "demo",
-        "messages": [{"role": "user", "content": "Tell me everything."}],
-        "max_tokens": 100000,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = ENDLESS_CHAT
     disconnects = server.metrics.disconnects._value.get()
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=60) as first:
         lines = first.iter_lines()
@@ -333,13 +337,7 @@ def test_keep_alive_while_queued_and_a_disconnect_frees_the_slot(server) -> None
 def test_a_client_that_leaves_the_queue_takes_no_slot_with_it(server, route: str) -> None:
     """A queued stream (chat or text) gets keep-alives; one that disconnects while still queued must
     not acquire the slot later and keep it."""
-    body = {
-        "model": "demo",
-        "messages": [{"role": "user", "content": "Tell me everything."}],
-        "max_tokens": 100000,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = ENDLESS_CHAT
     text_body = {
         "model": "demo",
         "prompt": "Once upon a time",
