@@ -4,7 +4,7 @@
                                [--baseline 66e4021] [--jobs 2]
 
 Arms: `baseline` (the quantizer at a pinned revision, checked out into a temporary git worktree),
-`default` (this tree) and, with --variant, `variant` (this tree with those quantize flags). Each arm
+`default` (this tree) and, per --variant, a `variant` arm (this tree with those quantize flags). Each arm
 quantizes the demo model (`--recipe demo`, the tiers given, `--seed` per seed, one thread per job),
 and this tree's `eval` scores every tier (text KL, image KL, task accuracy). Printed: per tier and
 arm the mean ± half the range over seeds, each arm's mean KL over the baseline's, and each arm's
@@ -57,7 +57,7 @@ def quantize(tree: Path, module: str, model: Path, out: Path, tiers: str, seed: 
     return time.monotonic() - started
 
 
-def evaluate(model: Path, out: Path) -> dict[str, dict[str, float]]:
+def evaluate(model: Path, out: Path, samples: int = 1024) -> dict[str, dict[str, float]]:
     """This tree's eval of every tier in `out`: tier name -> metric -> value."""
     report = out / "eval.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -73,6 +73,8 @@ def evaluate(model: Path, out: Path) -> dict[str, dict[str, float]]:
         "--no-card",
         "--threads",
         "1",
+        "--samples",
+        str(samples),
     ]
     command += ["--plot", str(out / "quality.png")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -83,11 +85,11 @@ def evaluate(model: Path, out: Path) -> dict[str, dict[str, float]]:
 
 
 def run_arm(
-    arm: str, tree: Path, module: str, model: Path, work: Path, tiers: str, seed: int, flags: list[str]
+    arm: str, tree: Path, module: str, model: Path, work: Path, tiers: str, seed: int, flags: list[str], samples: int
 ) -> dict:
     out = work / f"{arm}-seed{seed}"
     seconds = quantize(tree, module, model, out, tiers, seed, flags)
-    return {"arm": arm, "seed": seed, "seconds": seconds, "tiers": evaluate(model, out)}
+    return {"arm": arm, "seed": seed, "seconds": seconds, "tiers": evaluate(model, out, samples)}
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -128,12 +130,17 @@ def quality(args: argparse.Namespace) -> None:
         )
         old = worktree(args.baseline, work)
         try:
-            arms = [("baseline", old, "runtime.cli", []), ("default", REPO, "cli", [])]
-            if args.variant:
-                arms.append(("variant", REPO, "cli", args.variant.split()))
+            old_cli = "cli" if (old / "cli" / "__main__.py").is_file() else "runtime.cli"  # moved after 66e4021
+            arms = [("baseline", old, old_cli, []), ("default", REPO, "cli", [])]
+            for index, variant in enumerate(args.variant, 1):
+                arms.append((f"variant{index}" if len(args.variant) > 1 else "variant", REPO, "cli", variant.split()))
             jobs = [(arm, tree, module, flags, seed) for seed in seeds for arm, tree, module, flags in arms]
             with ThreadPoolExecutor(args.jobs) as pool:
-                runs = list(pool.map(lambda j: run_arm(j[0], j[1], j[2], model, work, args.tiers, j[4], j[3]), jobs))
+                runs = list(
+                    pool.map(
+                        lambda j: run_arm(j[0], j[1], j[2], model, work, args.tiers, j[4], j[3], args.samples), jobs
+                    )
+                )
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
         if args.json:
@@ -187,8 +194,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tiers", default="2.5,3.0,4.0,5.0")
-    parser.add_argument("--variant", default="", help="quantize flags of the variant arm, e.g. --variant=--symmetric")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="quantize flags of a variant arm, e.g. --variant=--symmetric (repeatable: variant1, variant2, …)",
+    )
     parser.add_argument("--baseline", default=BASELINE, help="revision of the baseline arm")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1024,
+        help="eval's demo questions (1024: about 150 text prompts; at eval's 256 default the text KL rests on "
+        "about 60 uncertain positions)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="jobs at once (one thread each)")
     parser.add_argument("--json", help="also write every run here")
     parser.add_argument("--proxy", action="store_true", help="the GPTQ-level proxy on real shapes instead")

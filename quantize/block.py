@@ -84,38 +84,47 @@ class BlockRunner:
         return accumulators, outputs
 
     @torch.no_grad()
-    def cross_hessians(
-        self, block: str, states: Iterable[Tensor], reference: Iterable[Tensor], weights: Sequence[Tensor] | None = None
-    ) -> dict[str, CrossAccumulator]:
-        """For each input group of the block: the Hessian of its inputs x on `states` (a tier's
-        stream) and the cross term against its inputs x_ref on `reference` (the fp16 stream, same
-        rows), token-weighted; the block's current weights run both."""
+    def cross_hessian(
+        self,
+        block: str,
+        group: str,
+        states: Iterable[Tensor],
+        reference: Iterable[Tensor],
+        fp16_weights: dict[str, Tensor],
+        weights: Sequence[Tensor] | None = None,
+    ) -> CrossAccumulator:
+        """The Hessian of input group `group`'s inputs x on `states` (a tier's stream, run with the
+        block's current weights: those quantized so far) and the cross term against its inputs x_ref
+        on `reference` (the fp16 stream, same rows, run with `fp16_weights`, the block's linears by
+        name before quantizing), token-weighted. Each pass stops at the group's first linear."""
         specs = block_specs(block)
-        groups = {spec.hessian_group: self.layer.get_submodule(spec.name) for spec in reversed(specs)}
-        captured: dict[str, Tensor] = {}
-        handles = [
-            linear.register_forward_pre_hook(lambda _m, args, g=group: captured.__setitem__(g, args[0]))
-            for group, linear in groups.items()
-        ]
-        stop = self.layer.get_submodule(specs[-1].name).register_forward_pre_hook(_stop)
-        accumulators = {g: CrossAccumulator(linear.in_features, self.compute.device) for g, linear in groups.items()}
+        linear = self.layer.get_submodule(next(s.name for s in specs if s.hessian_group == group))
+        current = {s.name: self.layer.get_submodule(s.name).weight.data for s in specs}
+        captured: list[Tensor] = []
+
+        def capture(_module: torch.nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _Enough
+
+        accumulator = CrossAccumulator(linear.in_features, self.compute.device)
+        handle = linear.register_forward_pre_hook(capture)
         try:
             for index, (state, ref) in enumerate(zip(states, reference)):
-                inputs = []
-                for rows in (ref, state):
-                    captured.clear()
+                captured.clear()
+                for rows, linears in ((ref, fp16_weights), (state, current)):
+                    for name, weight in linears.items():
+                        self.layer.get_submodule(name).weight.data = weight
                     try:
                         self.forward(block, rows.to(self.compute.device, self.compute.dtype)[None])
                     except _Enough:
                         pass
-                    inputs.append(dict(captured))
-                for group, accumulator in accumulators.items():
-                    accumulator.token_weight = None if weights is None else weights[index]
-                    accumulator.add_pair(inputs[0][group], inputs[1][group])
+                accumulator.token_weight = None if weights is None else weights[index]
+                accumulator.add_pair(captured[0], captured[1])
         finally:
-            for handle in (*handles, stop):
-                handle.remove()
-        return accumulators
+            handle.remove()
+            for name, weight in current.items():
+                self.layer.get_submodule(name).weight.data = weight
+        return accumulator
 
     @torch.no_grad()
     def squared_error(

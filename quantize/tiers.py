@@ -9,7 +9,7 @@ every block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from pixtral.weights import Checkpoint
 from quantize.block import BLOCKS, BlockRunner, block_specs
 from quantize.candidates import head_plan, linear_shapes
 from quantize.compute import Compute
-from quantize.gptq import DAMP, GPTQResult, gptq_quantize, pack_exl2, prepare_hessian
+from quantize.gptq import DAMP, GPTQResult, PreparedHessian, gptq_quantize, pack_exl2, prepare_hessian
 from quantize.hessian import CrossAccumulator
 from quantize.job import MEASUREMENT_FILE, JobContext, JobState, TierState, save_state, tier_name
 from quantize.parallel import StreamBlock, Task, TierBlock, TierHead, Workers
@@ -39,34 +39,45 @@ KL_POSITIONS = 64  # positions per row the calibration KL is taken at (its refer
 def quantize_block(
     runner: BlockRunner,
     block: str,
-    states: Iterable[Tensor],
+    states: Callable[[], Iterable[Tensor]],
     plans: dict[str, GroupPlan],
     weights: Sequence[Tensor] | None = None,
-    reference: Iterable[Tensor] | None = None,
+    reference: Callable[[], Iterable[Tensor]] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """GPTQ every linear of the block with its layout; the runner's layer then holds the quantized
-    weights (run it for the block's outputs). Returns the EXL2 tensors per linear.
+    weights (run it for the block's outputs). Returns the EXL2 tensors per linear. `states` (and
+    `reference`) give a fresh pass over the rows each call.
 
     With `reference` (the fp16 stream's rows at this block), each linear's target is the fp16 output
-    on the fp16 inputs, not its own output on the tier's inputs (`asymmetric_target`)."""
+    on the fp16 inputs, not its own output on the tier's inputs (`asymmetric_target`), and the input
+    groups go in order (GPTAQ): o_proj's inputs come through the quantized q/k/v, down_proj's
+    through the quantized gate/up, so each residual linear also makes up for its block's first
+    linears. Without it, every group's inputs come from one fp16 pass, as exllamav2 does."""
+    specs = block_specs(block)
     if reference is None:
-        accumulators, _ = runner.hessians(block, states, weights, keep_outputs=False)
-        cross: dict[str, Tensor] = {}
-    else:
-        pairs = runner.cross_hessians(block, states, reference, weights)
-        accumulators, cross = pairs, {group: acc.cross() for group, acc in pairs.items()}
-    hessians = {group: acc.result() for group, acc in accumulators.items()}
-    prepared = {group: prepare_hessian(H, runner.compute.damp) for group, H in hessians.items()}
+        accumulators, _ = runner.hessians(block, states(), weights, keep_outputs=False)
+        prepared = {group: prepare_hessian(acc.result(), runner.compute.damp) for group, acc in accumulators.items()}
+        return {s.name: _quantize_linear(runner, s.name, prepared[s.hessian_group], plans[s.name]) for s in specs}
+    fp16 = {spec.name: runner.layer.get_submodule(spec.name).weight.data for spec in specs}
     tensors = {}
-    for spec in block_specs(block):
-        weight = runner.layer.get_submodule(spec.name).weight.data
-        group = spec.hessian_group
-        if group in cross:
-            weight = asymmetric_target(weight, hessians[group], cross[group], runner.compute.damp)
-        result = gptq_quantize(weight, prepared[group], plans[spec.name], group=runner.compute.group)
-        tensors[spec.name] = pack_exl2(result, plans[spec.name])
-        runner.set_weight(spec.name, result.weight)
+    for group in dict.fromkeys(spec.hessian_group for spec in specs):  # the block's order
+        pair = runner.cross_hessian(block, group, states(), reference(), fp16, weights)
+        H, D = pair.result(), pair.cross()
+        prepared = prepare_hessian(H, runner.compute.damp)
+        for spec in (s for s in specs if s.hessian_group == group):
+            target = asymmetric_target(fp16[spec.name], H, D, runner.compute.damp)
+            tensors[spec.name] = _quantize_linear(runner, spec.name, prepared, plans[spec.name], target)
     return tensors
+
+
+def _quantize_linear(
+    runner: BlockRunner, name: str, prepared: PreparedHessian, plan: GroupPlan, target: Tensor | None = None
+) -> dict[str, Tensor]:
+    """GPTQ of one linear (of `target`, else its weight); the quantized weight goes into the layer."""
+    weight = runner.layer.get_submodule(name).weight.data if target is None else target
+    result = gptq_quantize(weight, prepared, plan, group=runner.compute.group)
+    runner.set_weight(name, result.weight)
+    return pack_exl2(result, plan)
 
 
 def asymmetric_target(W: Tensor, H: Tensor, D: Tensor, damp: float = DAMP) -> Tensor:
