@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import typer
@@ -31,12 +34,62 @@ err_console = Console(stderr=True)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
 PLAIN_PROGRESS_SECONDS = 10.0  # without a terminal, one line per stage at most this often
+# Code an interrupt must not be raised in. A KeyboardInterrupt out of exec'd text (a dataclass's
+# generated __init__) leaves CPython's "unhandled interrupt" flag set even when caught: the process
+# then dies by SIGINT, not with its exit code. One out of an import leaves a C extension half
+# initialised (seen: SIGABRT on the next import of triton).
+NO_INTERRUPT_FILES = frozenset({"<string>", "<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>"})
+INTERRUPT_RETRY_SECONDS = 0.05
+INTERRUPT_DEFER_SECONDS = 5.0  # an import that long: act anyway, a Ctrl-C must never be lost
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `error: message` on stderr; return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(code)
+
+
+class interrupts_at_safe_points:  # noqa: N801 - used as a context manager, named like one
+    """Turn `signals` (Ctrl-C, a plain kill) into KeyboardInterrupt, but not inside an import or exec'd
+    text started within the `with` body: there the signal comes back a moment later (after
+    `defer_limit` seconds of that it is acted on regardless). `as` gives the signals acted on."""
+
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+        defer_limit: float = INTERRUPT_DEFER_SECONDS,
+    ) -> None:
+        self.signals = signals
+        self.defer_limit = defer_limit
+        self.received: list[int] = []
+        self.deferred_since: float | None = None
+
+    def __enter__(self) -> list[int]:
+        self.outer = sys._getframe(1)  # frames from here outwards are not ours to judge
+        self.previous = {signum: signal.signal(signum, self.on_signal) for signum in self.signals}
+        return self.received
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.in_no_interrupt_code(frame) and now - (self.deferred_since or now) < self.defer_limit:
+            self.deferred_since = self.deferred_since or now
+            retry = threading.Timer(INTERRUPT_RETRY_SECONDS, signal.raise_signal, (signum,))
+            retry.daemon = True
+            retry.start()
+            return
+        self.received.append(signum)
+        raise KeyboardInterrupt
+
+    def in_no_interrupt_code(self, frame: FrameType | None) -> bool:
+        while frame is not None and frame is not self.outer:
+            if frame.f_code.co_filename in NO_INTERRUPT_FILES:
+                return True
+            frame = frame.f_back
+        return False
 
 
 def user_message(err: BaseException) -> str:

@@ -11,7 +11,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import THREADS_HELP, app, console, fail, human_bytes, progress_display, set_threads
+from cli.common import (
+    THREADS_HELP,
+    app,
+    console,
+    fail,
+    human_bytes,
+    interrupts_at_safe_points,
+    progress_display,
+    set_threads,
+)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -168,26 +177,19 @@ def quantize(
         threads = max(1, (os.cpu_count() or 1) // workers)  # local workers share the cores: no oversubscription
     set_threads(threads)
     config = quantize_config(recipe, model_dir, out_dir, flags)
-    terminated = []
-
-    def on_sigterm(signum: int, frame: object) -> None:  # a kill (not -9) ends like Ctrl-C: state kept, hint given
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        with progress_display() as on_progress:
-            results = run_quantize(config, on_progress)
-    except KeyboardInterrupt:
-        kept = config.work_dir.exists()
-        hint = (
-            f"continue with the same command plus --resume (state kept in {config.work_dir})"
-            if kept
-            else "nothing was written"
-        )
-        raise fail(f"{'terminated' if terminated else 'interrupted'}; {hint}", 143 if terminated else 130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupts_at_safe_points() as received:  # a kill (not -9) ends like Ctrl-C: state kept, hint given
+        try:
+            with progress_display() as on_progress:
+                results = run_quantize(config, on_progress)
+        except KeyboardInterrupt:
+            terminated = signal.SIGTERM in received
+            kept = config.work_dir.exists()
+            hint = (
+                f"continue with the same command plus --resume (state kept in {config.work_dir})"
+                if kept
+                else "nothing was written"
+            )
+            raise fail(f"{'terminated' if terminated else 'interrupted'}; {hint}", 143 if terminated else 130) from None
     caption = (
         "calibration-set KL: on the calibration rows themselves (every position, text and images), a check of the "
         "quantizer; held-out quality is `pixtral-exl2 eval`'s text and image KL"
