@@ -81,6 +81,7 @@ class interrupts_at_safe_points:  # noqa: N801 - used as a context manager, name
             retry.daemon = True
             retry.start()
             return
+        self.deferred_since = None
         self.received.append(signum)
         raise KeyboardInterrupt
 
