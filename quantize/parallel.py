@@ -137,9 +137,10 @@ class TaskRunner:
             runner = self.runner(task.layer)
             weights = self.token_weights(task.rows)
             plans = {name: GroupPlan(groups) for name, groups in task.plans.items()}
-            source, reference, rows = task.source, task.reference, task.rows
-            fp16 = (lambda: ctx.store.rows(reference, rows)) if reference is not None else None
-            tensors = quantize_block(runner, task.block, lambda: ctx.store.rows(source, rows), plans, weights, fp16)
+            fp16 = (lambda: ctx.store.rows(task.reference, task.rows)) if task.reference is not None else None
+            tensors = quantize_block(
+                runner, task.block, lambda: ctx.store.rows(task.source, task.rows), plans, weights, fp16
+            )
             folder = ctx.work / "quantized" / task.tier
             folder.mkdir(parents=True, exist_ok=True)
             save_tensors(

@@ -59,7 +59,10 @@ def test_gptq_of_the_target_is_closer_to_fp16_on_held_out_inputs(bits: int) -> N
     assert error(asymmetric_target(W, H, D)) < 0.9 * error(W)
 
 
-def _runner_and_rows(model: Path, block_tokens: int = 32):
+def _runner_and_rows(
+    model: Path, block_tokens: int = 32
+) -> tuple[BlockRunner, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Layer 0's runner, two random rows, their fp16-stream twins (a little noise) and token weights."""
     cfg = load_config(model)
     with Checkpoint(model) as ckpt:
         runner = BlockRunner(load_layer(ckpt, cfg, 0), cfg.text, block_tokens, Compute.for_device("cpu"))
